@@ -1,0 +1,155 @@
+"""Parallel layout and process groups: the one module that knows about ranks.
+
+world = DP x TP x PP. TP is the fastest-varying rank index, then DP, then PP: the order of
+megatron-core ``parallel_state`` (``order="tp-cp-ep-dp-pp"``) and of DeepSpeed's
+``PipeModelDataParallelTopology``. Every rank of one DP replica reads the same samples.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """DP x TP x PP over ``world_size`` ranks; DP is derived."""
+
+    world_size: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+    def validate(self, model: Optional[ModelConfig] = None, zero_stage: int = 0) -> "ParallelLayout":
+        """Refuse an impossible layout with a message that names the fix. Returns self."""
+        tp, pp, world = self.tensor_parallel, self.pipeline_parallel, self.world_size
+        if tp < 1 or pp < 1 or world < 1:
+            raise ValueError(f"layout sizes must be >= 1 (world={world}, TP={tp}, PP={pp})")
+        if world % (tp * pp):
+            raise ValueError(
+                f"world size {world} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}: "
+                f"launch a multiple of {tp * pp} processes or change --tensor-parallel/--pipeline-parallel")
+        if pp > 1 and zero_stage >= 2:
+            raise ValueError(
+                f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism (PP={pp}): "
+                f"DeepSpeed's pipeline engine supports ZeRO-0/1 only. Use a zero1_pipe_*.json config, "
+                f"or --pipeline-parallel 1 to keep ZeRO-{zero_stage}")
+        if model is not None:
+            model.validate(tensor_parallel=tp)
+            if pp > model.n_layer:
+                raise ValueError(
+                    f"pipeline-parallel size {pp} exceeds n_layer={model.n_layer}: "
+                    f"use at most {model.n_layer} stages")
+        return self
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(dp, tp, pp) coordinates of a global rank: TP fastest, then DP, then PP."""
+        tp = rank % self.tensor_parallel
+        dp = (rank // self.tensor_parallel) % self.data_parallel
+        pp = rank // (self.tensor_parallel * self.data_parallel)
+        return dp, tp, pp
+
+
+@dataclass
+class ParallelState:
+    """Process groups of this rank (``None`` groups mean size 1 in a plain process)."""
+
+    layout: ParallelLayout
+    rank: int
+    tp_group: Optional[dist.ProcessGroup]
+    dp_group: Optional[dist.ProcessGroup]
+    pp_group: Optional[dist.ProcessGroup]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coords(self.rank)[0]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[1]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coords(self.rank)[2]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
+    """Initialise ``torch.distributed`` from the launcher's environment if not done yet.
+
+    Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (deepspeed, torchrun) or the Slurm
+    equivalents (SLURM_PROCID/SLURM_NTASKS). Without any of them this is a one-process group
+    on an in-memory store, so tools and notebooks need no launcher.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or default_backend()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, backend: Optional[str] = None,
+               model: Optional[ModelConfig] = None, zero_stage: int = 0) -> ParallelState:
+    """Validate the layout against the world, then build megatron-core's groups.
+
+    Validation happens before any group is created, so an impossible layout fails fast on
+    every rank with the same message.
+    """
+    init_distributed(backend)
+    layout = ParallelLayout(dist.get_world_size(), tensor_parallel, pipeline_parallel)
+    layout.validate(model, zero_stage)
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        create_gloo_process_groups=False,
+        order="tp-cp-ep-dp-pp",
+    )
+    state = ParallelState(
+        layout=layout,
+        rank=dist.get_rank(),
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        dp_group=mpu.get_data_parallel_group(),
+        pp_group=mpu.get_pipeline_model_parallel_group(),
+    )
+    # Our arithmetic and megatron's must agree, or data would be split by the wrong rank.
+    expected = layout.coords(state.rank)
+    actual = (mpu.get_data_parallel_rank(), mpu.get_tensor_model_parallel_rank(),
+              mpu.get_pipeline_model_parallel_rank())
+    if expected != actual:
+        raise RuntimeError(f"rank {state.rank}: layout coords {expected} != megatron-core {actual}")
+    return state
+
+
+def destroy() -> None:
+    """Tear down megatron-core groups and the default process group (tests, tools)."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
