@@ -153,3 +153,29 @@ def destroy() -> None:
         mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim; backward keeps this rank's slice of the gradient.
+
+    megatron-core's gather allocates on the current CUDA device; this one works on any device.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group, ctx.size = group, x.shape[-1]
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rank = dist.get_rank(ctx.group)
+        return grad[..., rank * ctx.size:(rank + 1) * ctx.size].contiguous(), None
+
+
+def gather_last_dim(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along the last dim (differentiable); identity at size 1."""
+    if group is None or group.size() == 1:
+        return x
+    return _GatherLastDim.apply(x, group)

@@ -1,0 +1,239 @@
+"""The iGPT model: a GPT-2 pre-LN decoder over palette tokens, tensor-parallel by construction.
+
+One definition serves TP = 1, 2, 4, ...: the linear layers and the token embedding are
+megatron-core ``tensor_parallel`` layers, which allocate only this rank's shard and put the
+communication inside autograd functions. Everything else (norms, position embeddings, SOS,
+row-parallel biases) is replicated and receives identical gradients on every TP rank.
+
+Activations are batch-first everywhere: ``[b, s, h]``.
+
+Init follows OpenAI's released iGPT code (the Sparse Transformer scheme): q/k/v N(0, 1/sqrt(d)),
+attention output N(0, 1/sqrt(d*L)) (layer-dependent), MLP N(0, 0.02), tokens and SOS N(0, 0.02),
+positions N(0, 0.01), logit head zero, biases zero, norm gains one.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .parallel import gather_last_dim, init_distributed
+
+
+def _normal(std: float):
+    return partial(nn.init.normal_, mean=0.0, std=std)
+
+
+def resolve_tp_group(tp_group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
+    """The TP group to build on. Without one, a plain one-process run gets a 1-rank group.
+
+    megatron-core's layers need a real process group even at TP=1; in a process with no
+    launcher we create a 1-rank gloo group on an in-memory store, invisible to the caller.
+    """
+    if tp_group is not None:
+        return tp_group
+    init_distributed(backend="gloo")
+    if dist.get_world_size() != 1:
+        raise ValueError("a multi-rank run must pass tp_group (from igpt_ds.parallel.initialize(...).tp_group)")
+    return dist.group.WORLD
+
+
+def megatron_config(tp_size: int):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    # CPU initialisation builds each full ("master") weight with the same RNG stream on every rank
+    # and keeps this rank's slice: a model built with the same seed is identical at any TP size.
+    return ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
+                               perform_initialization=True, params_dtype=torch.float32)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # x * rsqrt(mean(x^2) + eps) * g
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def activation_fn(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    return partial(F.gelu, approximate="tanh")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; this rank holds ``n_head / tp`` heads."""
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
+        super().__init__()
+        from megatron.core import tensor_parallel as mtp
+
+        tp, mcfg = tp_group.size(), megatron_config(tp_group.size())
+        self.n_head_local, self.head_dim, self.causal = cfg.n_head // tp, cfg.head_dim, cfg.objective == "ar"
+        d = cfg.d_model
+        # Fused q,k,v: the full weight is [q; k; v] (3d, d); stride=3 hands rank r the rows
+        # [q_r; k_r; v_r], i.e. whole heads with their own q, k and v.
+        self.qkv = mtp.ColumnParallelLinear(d, 3 * d, config=mcfg, init_method=_normal(1 / math.sqrt(d)),
+                                            bias=cfg.bias, gather_output=False, stride=3, tp_group=tp_group)
+        self.proj = mtp.RowParallelLinear(d, d, config=mcfg, init_method=_normal(1 / math.sqrt(d * cfg.n_layer)),
+                                          bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
+                                          tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv, _ = self.qkv(x)  # [b, s, 3 * h_local]
+        q, k, v = (t.view(b, s, self.n_head_local, self.head_dim).transpose(1, 2)
+                   for t in qkv.chunk(3, dim=-1))  # [b, nh_local, s, hd]
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        a = a.transpose(1, 2).reshape(b, s, self.n_head_local * self.head_dim)  # [b, s, h_local]
+        out, _ = self.proj(a)  # [b, s, h], all-reduced over TP
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
+        super().__init__()
+        from megatron.core import tensor_parallel as mtp
+
+        mcfg = megatron_config(tp_group.size())
+        self.fc = mtp.ColumnParallelLinear(cfg.d_model, cfg.d_ff, config=mcfg, init_method=_normal(0.02),
+                                           bias=cfg.bias, gather_output=False, tp_group=tp_group)
+        self.proj = mtp.RowParallelLinear(cfg.d_ff, cfg.d_model, config=mcfg, init_method=_normal(0.02),
+                                          bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
+                                          tp_group=tp_group)
+        self.act = activation_fn(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc(x)  # [b, s, d_ff / tp]
+        out, _ = self.proj(self.act(h))  # [b, s, h]
+        return out
+
+
+class Block(nn.Module):
+    """Pre-LN block: ``a = h + attn(norm(h)); h' = a + mlp(norm(a))``."""
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(cfg), Attention(cfg, tp_group)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg, tp_group)
+        self.checkpointed = cfg.activation_checkpointing
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = h + self.attn(self.ln_1(h))
+        return a + self.mlp(self.ln_2(a))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, h, use_reentrant=False)
+        return self._forward(h)
+
+
+class Embedding(nn.Module):
+    """Token + position embeddings, with the AR start-of-sequence shift or the BERT mask.
+
+    AR: the input at position t is pixel t-1 (SOS at t=0), so position t predicts pixel t.
+    BERT: masked positions' content embeddings are zeroed; positions are kept.
+    SOS is its own vector (OpenAI's layout); the HF layout's row 512 maps to it on conversion.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
+        super().__init__()
+        from megatron.core import tensor_parallel as mtp
+
+        self.cfg = cfg
+        self.wte = mtp.VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=_normal(0.02),
+                                              config=megatron_config(tp_group.size()), tp_group=tp_group)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        nn.init.normal_(self.wpe.weight, std=0.01)
+        if cfg.objective == "ar":
+            self.sos = nn.Parameter(torch.empty(cfg.d_model).normal_(std=0.02))
+
+    def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, s = tokens.shape
+        h = self.wte(tokens)  # [b, s, h]
+        if self.cfg.objective == "ar":
+            h = torch.cat([self.sos.to(h.dtype).expand(b, 1, -1), h[:, :-1]], dim=1)
+        elif mask is not None:
+            h = h * (~mask).unsqueeze(-1).to(h.dtype)
+        return h + self.wpe.weight[:s].to(h.dtype)
+
+
+class Head(nn.Module):
+    """Final norm, then the untied, zero-initialised logit projection (vocab-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
+        super().__init__()
+        from megatron.core import tensor_parallel as mtp
+
+        self.ln_f = make_norm(cfg)
+        self.head = mtp.ColumnParallelLinear(cfg.d_model, cfg.vocab_size, config=megatron_config(tp_group.size()),
+                                             init_method=nn.init.zeros_, bias=False, gather_output=False,
+                                             tp_group=tp_group)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.head(self.ln_f(h))  # [b, s, vocab / tp]
+        return logits
+
+
+class IGPTModel(nn.Module):
+    """iGPT: ``model(tokens)`` -> next-pixel (AR) or masked-pixel (BERT) logits ``[b, s, 512]``.
+
+    ``tokens`` are palette ids 0..511, shape [b, s] with s <= resolution**2. For AR the SOS shift
+    happens inside: position t predicts pixel t from pixels before it. For BERT pass ``mask``
+    (bool [b, s], True = masked). ``tp_group`` is the tensor-parallel group (None: plain process).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        tp_group = resolve_tp_group(tp_group)
+        cfg.validate(tensor_parallel=tp_group.size())
+        self.cfg, self.tp_group, self.tp_size = cfg, tp_group, tp_group.size()
+        self.check_inputs = True  # the trainer may turn this off when its loader validates tokens
+        self.embed = Embedding(cfg, tp_group)
+        self.blocks = nn.ModuleList(Block(cfg, tp_group) for _ in range(cfg.n_layer))
+        self.final = Head(cfg, tp_group)
+
+    def validate_inputs(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Refuse bad tokens before any compute, naming the value and the limit."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq] palette ids, got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point:
+            raise ValueError(f"tokens must be integer palette ids, got dtype {tokens.dtype}")
+        s = tokens.shape[1]
+        if s > self.cfg.seq_len:
+            raise ValueError(f"sequence length {s} exceeds the model's {self.cfg.seq_len} "
+                             f"(resolution {self.cfg.resolution}^2); quantize at resolution {self.cfg.resolution}")
+        if tokens.numel():
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} outside 0..{self.cfg.vocab_size - 1} (the palette size)")
+        if self.cfg.objective == "bert" and mask is not None and mask.shape != tokens.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != tokens shape {tuple(tokens.shape)}")
+
+    def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """[h^0 (embedding output), h^1, ..., h^L]: the residual stream after each block, [b, s, h]."""
+        if self.check_inputs:
+            self.validate_inputs(tokens, mask)
+        h = self.embed(tokens, mask)
+        out = [h]
+        for block in self.blocks:
+            h = block(h)
+            out.append(h)
+        return out
+
+    def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                gather: bool = True) -> torch.Tensor:
+        """Logits [b, s, 512]; with ``gather=False`` this rank's vocab shard [b, s, 512 / tp]."""
+        if self.check_inputs:
+            self.validate_inputs(tokens, mask)
+        h = self.embed(tokens, mask)
+        for block in self.blocks:
+            h = block(h)
+        logits = self.final(h)
+        return gather_last_dim(logits, self.tp_group) if gather else logits

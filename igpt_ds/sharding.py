@@ -1,0 +1,78 @@
+"""Tensor-parallel sharding of parameters: full (layout-independent) <-> this rank's shard.
+
+The rule for each parameter is read from the attributes megatron-core sets on it
+(``tensor_model_parallel``, ``partition_dim``, ``partition_stride``), never from its name:
+a full tensor is cut along ``partition_dim`` into ``stride * tp`` equal chunks and rank r keeps
+chunks ``r, r + tp, ...`` (the fused [q; k; v] weight has stride 3). Replicated parameters are
+the same on every rank.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def shard(full: torch.Tensor, dim: int, stride: int, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's slice of ``full`` (see module docstring)."""
+    if tp_size == 1:
+        return full
+    if full.shape[dim] % (stride * tp_size):
+        raise ValueError(f"cannot shard dim {dim} of size {full.shape[dim]} into {stride} x {tp_size} parts")
+    chunks = torch.chunk(full, stride * tp_size, dim=dim)
+    return torch.cat(chunks[tp_rank::tp_size], dim=dim)
+
+
+def unshard(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of :func:`shard` given every rank's slice, in rank order."""
+    tp_size = len(shards)
+    if tp_size == 1:
+        return shards[0]
+    pieces = [torch.chunk(s, stride, dim=dim) for s in shards]  # pieces[rank][j]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(tp_size)], dim=dim)
+
+
+def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy a full (TP=1 layout) state dict into a possibly TP-sharded model, in place."""
+    tp_group = getattr(model, "tp_group", None)
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.is_initialized() else 0
+    tp_size = getattr(model, "tp_size", 1)
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    if strict:
+        missing, unexpected = sorted(set(own) - set(full)), sorted(set(full) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state dict does not match the model: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            if name not in full:
+                continue
+            src = full[name]
+            if is_tp_sharded(p):
+                src = shard(src, p.partition_dim, p.partition_stride, tp_rank, tp_size)
+            if src.shape != p.shape:
+                raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit the model's {tuple(p.shape)} "
+                                 f"(TP rank {tp_rank} of {tp_size})")
+            p.copy_(src.to(p.dtype))
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather the full (TP=1 layout) state dict on every TP rank; a collective over the TP group."""
+    tp_group = getattr(model, "tp_group", None)
+    tp_size = getattr(model, "tp_size", 1)
+    out = {}
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        t = p.detach()
+        if is_tp_sharded(p) and tp_size > 1:
+            parts = [torch.empty_like(t) for _ in range(tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=tp_group)
+            t = unshard(parts, p.partition_dim, p.partition_stride)
+        out[name] = t.clone()
+    return out
