@@ -14,7 +14,7 @@ def test_rank_order_tp_fastest_then_dp_then_pp():
 @pytest.mark.parametrize("layout, zero, model, message", [
     (ParallelLayout(6, 4, 1), 0, None, "world size 6 is not divisible by TP x PP = 4 x 1 = 4"),
     (ParallelLayout(4, 1, 2), 3, None, "ZeRO stage 3 cannot be combined with pipeline parallelism"),
-    (ParallelLayout(4, 1, 2), 2, None, "use a zero1_pipe_"),
+    (ParallelLayout(4, 1, 2), 2, None, "Use a zero1_pipe_"),
     (ParallelLayout(8, 8, 1), 0, get_preset("igpt-tiny"), "tensor-parallel size 8 does not divide n_head=4"),
     (ParallelLayout(8, 1, 8), 0, get_preset("igpt-tiny"), "pipeline-parallel size 8 exceeds n_layer=4"),
 ])
