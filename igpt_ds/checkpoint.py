@@ -54,7 +54,9 @@ def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
+        # megatron layers add `_extra_state: None` entries to state_dict(); keep tensors only.
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()
+                   if isinstance(v, torch.Tensor)}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         palette_hash = None
         if palette is not None:
