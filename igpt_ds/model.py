@@ -133,6 +133,18 @@ class Block(nn.Module):
         return self._forward(h)
 
 
+class PositionEmbedding(nn.Embedding):
+    """Learned positions, N(0, 0.01) at construction.
+
+    The init lives in ``reset_parameters`` (run inside ``__init__``), not after it: under ZeRO-3's
+    ``zero.Init`` a parameter is partitioned as soon as its module's ``__init__`` returns, so an
+    init applied afterwards would silently touch an empty shard.
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.01)
+
+
 class Embedding(nn.Module):
     """Token + position embeddings, with the AR start-of-sequence shift or the BERT mask.
 
@@ -148,8 +160,7 @@ class Embedding(nn.Module):
         self.cfg = cfg
         self.wte = mtp.VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=_normal(0.02),
                                               config=megatron_config(tp_group.size()), tp_group=tp_group)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
-        nn.init.normal_(self.wpe.weight, std=0.01)
+        self.wpe = PositionEmbedding(cfg.seq_len, cfg.d_model)
         if cfg.objective == "ar":
             self.sos = nn.Parameter(torch.empty(cfg.d_model).normal_(std=0.02))
 
@@ -160,7 +171,8 @@ class Embedding(nn.Module):
             h = torch.cat([self.sos.to(h.dtype).expand(b, 1, -1), h[:, :-1]], dim=1)
         elif mask is not None:
             h = h * (~mask).unsqueeze(-1).to(h.dtype)
-        return h + self.wpe.weight[:s].to(h.dtype)
+        # Call the module (not .weight): ZeRO-3 gathers a partitioned parameter in its module's forward.
+        return h + self.wpe(torch.arange(s, device=tokens.device)).to(h.dtype)
 
 
 class Head(nn.Module):
@@ -188,15 +200,24 @@ class IGPTModel(nn.Module):
     (bool [b, s], True = masked). ``tp_group`` is the tensor-parallel group (None: plain process).
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, cfg: ModelConfig, tp_group: Optional[dist.ProcessGroup] = None,
+                 seed: Optional[int] = None):
         super().__init__()
         tp_group = resolve_tp_group(tp_group)
         cfg.validate(tensor_parallel=tp_group.size())
         self.cfg, self.tp_group, self.tp_size = cfg, tp_group, tp_group.size()
         self.check_inputs = True  # the trainer may turn this off when its loader validates tokens
-        self.embed = Embedding(cfg, tp_group)
-        self.blocks = nn.ModuleList(Block(cfg, tp_group) for _ in range(cfg.n_layer))
-        self.final = Head(cfg, tp_group)
+
+        def seeded(index: int, build):
+            # Per-layer seeds (layer 0 = embedding, 1..L = blocks, L+1 = head), as DeepSpeed's
+            # PipelineModule(seed_layers=True): weights do not depend on which stage builds a layer.
+            if seed is not None:
+                torch.manual_seed(seed + index)
+            return build()
+
+        self.embed = seeded(0, lambda: Embedding(cfg, tp_group))
+        self.blocks = nn.ModuleList(seeded(1 + i, lambda: Block(cfg, tp_group)) for i in range(cfg.n_layer))
+        self.final = seeded(cfg.n_layer + 1, lambda: Head(cfg, tp_group))
 
     def validate_inputs(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
         """Refuse bad tokens before any compute, naming the value and the limit."""

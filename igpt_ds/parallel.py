@@ -105,6 +105,9 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        # DeepSpeed reads these even in one process (zero.Init: LOCAL_RANK).
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -179,3 +182,62 @@ def gather_last_dim(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torc
     if group is None or group.size() == 1:
         return x
     return _GatherLastDim.apply(x, group)
+
+
+class DeepSpeedMPU:
+    """Our groups in the ``mpu`` interface DeepSpeed calls (megatron-core no longer provides it).
+
+    DeepSpeed uses it to all-reduce gradients over the DP group only, to shard ZeRO state over
+    DP, and to sum TP-sharded parameters' norms over the TP group when clipping gradients.
+    """
+
+    def __init__(self, state: ParallelState):
+        self.state = state
+
+    # tensor ("model") parallel
+    def get_model_parallel_group(self):
+        return self.state.tp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.state.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.state.layout.tensor_parallel
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.state.rank - self.state.tp_rank
+
+    # data parallel
+    def get_data_parallel_group(self):
+        return self.state.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.state.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.state.layout.data_parallel
+
+    # pipeline parallel
+    def get_pipeline_model_parallel_group(self):
+        return self.state.pp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.state.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.state.layout.pipeline_parallel
+
+    get_pipe_parallel_group = get_pipeline_model_parallel_group
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+
+
+def init_deepspeed_comm() -> None:
+    """Point ``deepspeed.comm`` at the already-initialised torch.distributed default group."""
+    import deepspeed
+
+    init_distributed()
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
