@@ -55,6 +55,9 @@ def load_ds_config(path: str, data_parallel: int, pipeline_parallel: int = 1) ->
     if fp16 and bf16:
         raise ValueError(f"{path}: both 'fp16' and 'bf16' are enabled; enable at most one")
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    if fp16 and not torch.cuda.is_available():
+        raise ValueError(f"{path}: fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16 support); "
+                         f"on CPU use a bf16 or fp32 config, e.g. ds_configs/zero3_bf16.json")
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage={stage}; expected 0, 1, 2 or 3")

@@ -68,8 +68,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def quiet_third_party_warnings() -> None:
+    """DeepSpeed calls torch collectives that torch 2.13 deprecates, once per call: keep logs readable."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The pynvml package is deprecated", category=FutureWarning)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_third_party_warnings()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     from igpt_ds.trainer import Trainer, TrainArgs, TrainingDiverged
 
