@@ -99,7 +99,7 @@ def config_from_hf(hf: dict, bias: bool = True, source: str = CONFIG_FILE) -> Mo
     cfg = ModelConfig(n_layer=int(get("n_layer")), d_model=d, n_head=int(get("n_head")), resolution=side,
                       vocab_size=vocab - 1, mlp_ratio=n_inner // d, norm="rmsnorm", activation=_ACT_FROM_HF[act],
                       bias=bias, norm_eps=float(get("layer_norm_epsilon")), objective="ar",
-                      name=str(hf.get("_name_or_path") or "hf-imagegpt"))
+                      name=str(hf.get("igpt_ds_name") or "hf-imagegpt"))
     return cfg.validate()
 
 
@@ -117,7 +117,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # iGPT trains without dropout
             "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": False,
-            "use_cache": True, "dtype": str(dtype).replace("torch.", "")}
+            "use_cache": True, "dtype": str(dtype).replace("torch.", ""),
+            "igpt_ds_name": cfg.name}  # informational; HF keeps unknown keys
 
 
 def _hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
