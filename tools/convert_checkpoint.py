@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 TARGETS = ["consolidated", "hf"]  # formats with a writer in igpt_ds.pretrained.FORMATS

@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 import numpy as np  # noqa: E402
 
