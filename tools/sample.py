@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
