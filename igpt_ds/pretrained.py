@@ -113,6 +113,8 @@ def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu"
     fmt = detect_format(path)
     config, sd, palette, _ = fmt.read(path, device=device)
     check_state_dict(config, sd, source=str(path))
+    if palette is not None and len(palette) != config.vocab_size:
+        raise ValueError(f"{path}: the palette has {len(palette)} colours but the model {config.vocab_size} tokens")
     return config, sd, palette, fmt
 
 
