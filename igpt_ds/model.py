@@ -66,6 +66,43 @@ def activation_fn(name: str):
     return partial(F.gelu, approximate="tanh")
 
 
+class LayerKV:
+    """One layer's cached keys and values ``[b, nh_local, max_len, hd]``, filled up to ``length``.
+
+    Each TP rank caches only its own heads. Buffers are allocated on the first append.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` [b, nh_local, s, hd] after the cached ones; return all keys and values so far."""
+        b, nh, s, hd = k.shape
+        if self.k is None:
+            self.k, self.v = k.new_empty(b, nh, self.max_len, hd), v.new_empty(b, nh, self.max_len, hd)
+        end = self.length + s
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental AR decoding: ``model(tokens, cache=cache)``.
+
+    ``length`` counts the input positions processed so far (SOS included).
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.layers = [LayerKV(max_len) for _ in range(n_layer)]
+        self.max_len = max_len
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; this rank holds ``n_head / tp`` heads."""
 
@@ -84,12 +121,18 @@ class Attention(nn.Module):
                                           bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
                                           tp_group=tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: Optional[LayerKV] = None) -> torch.Tensor:
         b, s, _ = x.shape
         qkv, _ = self.qkv(x)  # [b, s, 3 * h_local]
         q, k, v = (t.view(b, s, self.n_head_local, self.head_dim).transpose(1, 2)
                    for t in qkv.chunk(3, dim=-1))  # [b, nh_local, s, hd]
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if kv is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:  # AR decoding: the s new queries sit at positions past..past+s-1 and see keys 0..their own
+            past = kv.length
+            k, v = kv.append(k, v)  # [b, nh_local, past + s, hd]
+            mask = None if s == 1 else torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         a = a.transpose(1, 2).reshape(b, s, self.n_head_local * self.head_dim)  # [b, s, h_local]
         out, _ = self.proj(a)  # [b, s, h], all-reduced over TP
         return out
@@ -123,14 +166,14 @@ class Block(nn.Module):
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg, tp_group)
         self.checkpointed = cfg.activation_checkpointing
 
-    def _forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = h + self.attn(self.ln_1(h))
+    def _forward(self, h: torch.Tensor, kv: Optional[LayerKV] = None) -> torch.Tensor:
+        a = h + self.attn(self.ln_1(h), kv)
         return a + self.mlp(self.ln_2(a))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.checkpointed and self.training and torch.is_grad_enabled():
+    def forward(self, h: torch.Tensor, kv: Optional[LayerKV] = None) -> torch.Tensor:
+        if kv is None and self.checkpointed and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, h, use_reentrant=False)
-        return self._forward(h)
+        return self._forward(h, kv)
 
 
 class PositionEmbedding(nn.Embedding):
@@ -173,6 +216,13 @@ class Embedding(nn.Module):
             h = h * (~mask).unsqueeze(-1).to(h.dtype)
         # Call the module (not .weight): ZeRO-3 gathers a partitioned parameter in its module's forward.
         return h + self.wpe(torch.arange(s, device=tokens.device)).to(h.dtype)
+
+    def extend(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """AR decoding: embed input pixels at positions ``start..``; at ``start == 0`` SOS comes first."""
+        h = self.wte(tokens)  # [b, s, h]
+        if start == 0:
+            h = torch.cat([self.sos.to(h.dtype).expand(tokens.shape[0], 1, -1), h], dim=1)
+        return h + self.wpe.weight[start:start + h.shape[1]].to(h.dtype)
 
 
 class Head(nn.Module):
@@ -248,13 +298,34 @@ class IGPTModel(nn.Module):
             out.append(h)
         return out
 
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for :meth:`forward` (AR only): ``model(tokens, cache=cache)``."""
+        if self.cfg.objective != "ar":
+            raise ValueError(f"a KV cache needs an autoregressive model; this one is objective={self.cfg.objective!r}")
+        return KVCache(self.cfg.n_layer, self.cfg.seq_len)
+
     def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                gather: bool = True) -> torch.Tensor:
-        """Logits [b, s, 512]; with ``gather=False`` this rank's vocab shard [b, s, 512 / tp]."""
+                gather: bool = True, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits [b, s, 512]; with ``gather=False`` this rank's vocab shard [b, s, 512 / tp].
+
+        With ``cache`` (from :meth:`new_cache`; AR decoding, no SOS shift): ``tokens`` are the next
+        input pixels, appended after the cached positions (SOS first when the cache is empty), and
+        the logits of each new position predict the pixel at that position: an empty cache and
+        ``k`` pixels give ``k + 1`` logits (pixels 0..k), later calls one per token.
+        """
         if self.check_inputs:
             self.validate_inputs(tokens, mask)
-        h = self.embed(tokens, mask)
-        for block in self.blocks:
-            h = block(h)
+        if cache is not None:
+            if self.cfg.objective != "ar":
+                raise ValueError("cache= is for autoregressive decoding; this model is objective='bert'")
+            end = cache.length + tokens.shape[1] + (cache.length == 0)
+            if end > self.cfg.seq_len:
+                raise ValueError(f"cache holds {cache.length} positions; {tokens.shape[1]} more token(s) would reach "
+                                 f"position {end}, past the model's {self.cfg.seq_len} (the last pixel is never fed)")
+            h = self.embed.extend(tokens, cache.length)
+        else:
+            h = self.embed(tokens, mask)
+        for i, block in enumerate(self.blocks):
+            h = block(h) if cache is None else block(h, cache.layers[i])
         logits = self.final(h)
         return gather_last_dim(logits, self.tp_group) if gather else logits
