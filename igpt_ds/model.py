@@ -222,7 +222,8 @@ class Embedding(nn.Module):
         h = self.wte(tokens)  # [b, s, h]
         if start == 0:
             h = torch.cat([self.sos.to(h.dtype).expand(tokens.shape[0], 1, -1), h], dim=1)
-        return h + self.wpe.weight[start:start + h.shape[1]].to(h.dtype)
+        positions = torch.arange(start, start + h.shape[1], device=tokens.device)
+        return h + self.wpe(positions).to(h.dtype)  # through the module, as in forward (ZeRO-3)
 
 
 class Head(nn.Module):
