@@ -79,6 +79,7 @@ def save_palette(path: Union[str, os.PathLike], palette: np.ndarray) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".palette-", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             np.save(f, palette)
         os.replace(tmp, path)
@@ -162,13 +163,15 @@ class _full_fp32_matmul:
 
 
 def dequantize(tokens, palette: np.ndarray, side: Optional[int] = None) -> np.ndarray:
-    """uint8 RGB images (N, H, W, 3) from tokens (N, H*W) (square, or give ``side``) or (N, H, W)."""
+    """uint8 RGB images (N, H, W, 3) from tokens (N, H, W), or (N, H*W) with H = ``side``
+    (default: square images). Each token becomes its palette colour, (c + 1) * 127.5 rounded."""
     tokens = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
     palette = _check_palette(palette, "dequantize", None)
     if tokens.ndim == 2:
         side = side or int(round(tokens.shape[1] ** 0.5))
-        if side * side != tokens.shape[1]:
-            raise ValueError(f"dequantize: {tokens.shape[1]} tokens per image is not a square; pass side=")
+        if side < 1 or tokens.shape[1] % side:
+            raise ValueError(f"dequantize: {tokens.shape[1]} tokens per image do not make rows of "
+                             f"{side}; pass side= (the image height)")
         tokens = tokens.reshape(tokens.shape[0], side, tokens.shape[1] // side)
     if tokens.ndim != 3:
         raise ValueError(f"dequantize expects tokens (N, H*W) or (N, H, W), got shape {tokens.shape}")
@@ -180,7 +183,7 @@ def dequantize(tokens, palette: np.ndarray, side: Optional[int] = None) -> np.nd
 
 
 def fit_palette(pixels, clusters: int = NUM_COLORS, seed: int = 0, *, iters: int = 30,
-                tol: float = 1e-5, device: Device = None, chunk_pixels: int = 1 << 16) -> np.ndarray:
+                tol: float = 1e-5, device: Device = None, chunk_pixels: Optional[int] = None) -> np.ndarray:
     """k-means palette of uint8 RGB ``pixels`` (P, 3): float32 (clusters, 3) in [-1, 1].
 
     k-means++ initialisation, then Lloyd iterations until the largest centre move is below
@@ -196,6 +199,7 @@ def fit_palette(pixels, clusters: int = NUM_COLORS, seed: int = 0, *, iters: int
         raise ValueError(f"fit_palette: {pixels.shape[0]} pixels cannot make {clusters} clusters; "
                          f"sample more pixels")
     dev = _device(device)
+    chunk_pixels = chunk_pixels or (1 << 20 if dev.type == "cuda" else 1 << 12)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     points = torch.from_numpy(_LEVELS)[pixels.long()].to(dev)  # (P, 3) in [-1, 1]
     centres = _kmeans_pp(points, clusters, gen, chunk_pixels)

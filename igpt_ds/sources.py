@@ -47,6 +47,7 @@ class ImageSource:
         self.path = os.path.abspath(path)
         self.split = split
         self.label_names = list(label_names)
+        self.open_args: dict = {}  # set by open_source: how another process reopens this source
 
     @property
     def name(self) -> str:
@@ -68,7 +69,8 @@ class ImageSource:
     def describe(self) -> dict:
         """What a manifest records about where its samples came from."""
         return {"path": self.path, "type": self.kind, "split": self.split, "name": self.name,
-                "num_images": len(self)}
+                "num_images": len(self), "val_fraction": self.open_args.get("val_fraction", 0.0),
+                "split_seed": self.open_args.get("split_seed", 0)}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} ({len(self)} images)>"
@@ -194,6 +196,13 @@ def open_source(path: str, split: str = "train", *, val_fraction: float = 0.0,
     ``val_fraction > 0``, ``train`` is the rest of train.
     """
     path = os.fspath(path)
+    source = _open_split(path, split, val_fraction, split_seed)
+    source.open_args = {"path": os.path.abspath(path), "split": split, "val_fraction": val_fraction,
+                        "split_seed": split_seed}
+    return source
+
+
+def _open_split(path: str, split: str, val_fraction: float, split_seed: int) -> ImageSource:
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must lie in [0, 1)")
     if val_fraction > 0 and split in ("train", "val"):
@@ -339,3 +348,31 @@ def _open_folder(path: str, split: str) -> ImageSource:
     if not len(source):
         raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return source
+
+
+def sample_pixels(source: ImageSource, count: int, seed: int = 0, *, per_image: int = 256,
+                  exclude_images: int = 0) -> np.ndarray:
+    """``count`` random RGB pixels (uint8 (count, 3)) from random images of ``source``.
+
+    At most ``per_image`` pixels come from one image, so few images need reading. Images are
+    taken in a seeded order after skipping its first ``exclude_images`` (pass the number used
+    for a fitting sample to draw held-out pixels from other images, while there are any).
+    """
+    rng = np.random.default_rng(seed)
+    order = np.random.default_rng([seed, 1]).permutation(len(source))
+    if exclude_images < len(order):
+        order = order[exclude_images:]
+    chunks, have = [], 0
+    for position, index in enumerate(np.resize(order, max(len(order), 1) * 64)):  # wrap if short
+        if have >= count:
+            break
+        image = source[int(index)][0].reshape(-1, 3)
+        take = min(per_image, count - have, len(image))
+        chunks.append(image[rng.choice(len(image), take, replace=take > len(image))])
+        have += take
+    return np.concatenate(chunks) if chunks else np.zeros((0, 3), np.uint8)
+
+
+def images_for_pixels(count: int, per_image: int = 256) -> int:
+    """How many images :func:`sample_pixels` reads for ``count`` pixels."""
+    return -(-count // per_image)
