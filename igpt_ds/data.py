@@ -246,7 +246,9 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        # The DataLoader asks worker 0 first; after resuming at batch k the next batch belongs to
+        # worker k mod W, so DataLoader worker i plays the role of worker (i + k) mod W.
+        worker = ((info.id if info is not None else 0) + self.skip_batches) % self.num_workers
         start, stop = self.layout.worker_range(self.dp_rank, worker, self.num_workers)
         segments = epoch_segments([s.samples for s in self.shards], self.epoch, self.seed, self.shuffle, start, stop)
         samples = (s for shard, first, end in segments
