@@ -1,0 +1,84 @@
+"""Measurements behind ``tools/benchmark.py data``: quantizer vs Hugging Face, loader throughput."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+
+from .config import get_preset
+from .data import build_loader
+from .palette import quantize
+from .shards import BuildSettings, build_shards
+from .sources import ImageSource
+
+H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM datasheet, dense (no sparsity)
+
+
+def load_images(source: ImageSource, count: int = 0, resolution: int = 32) -> np.ndarray:
+    """The first ``count`` images (0: all) of ``source`` at ``resolution`` (centre crop), uint8 (N, R, R, 3)."""
+    from .shards import resize_view
+
+    n = len(source) if count <= 0 else min(count, len(source))
+    return np.stack([resize_view(source[i][0], resolution, "center") for i in range(n)])
+
+
+def compare_quantizers(images: np.ndarray, palette: np.ndarray, device: Optional[str] = None,
+                       hf_batch: int = 256) -> dict:
+    """Time our :func:`quantize` and HF's ImageGPTImageProcessorPil on the same images; tokens must match."""
+    from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
+
+    quantize(images[:8], palette, device=device)  # warm-up (allocator, kernels)
+    start = time.perf_counter()
+    ours = quantize(images, palette, device=device)
+    ours_s = time.perf_counter() - start
+
+    processor = ImageGPTImageProcessorPil(clusters=palette, do_resize=False)  # images are already at size
+    processor(list(images[:8]), return_tensors=None)
+    start = time.perf_counter()
+    hf = np.concatenate([np.stack(processor(list(images[i:i + hf_batch]), return_tensors=None)["input_ids"])
+                         for i in range(0, len(images), hf_batch)])
+    hf_s = time.perf_counter() - start
+    mismatches = int((hf != ours).sum())
+    if mismatches:
+        raise AssertionError(f"quantize differs from HF ImageGPTImageProcessor on {mismatches} of {hf.size} tokens")
+    return {"images": len(images), "ours_images_per_s": len(images) / ours_s,
+            "hf_images_per_s": len(images) / hf_s, "speedup": hf_s / ours_s, "identical_tokens": hf.size}
+
+
+def loader_throughput(images: np.ndarray, labels: np.ndarray, palette: np.ndarray, *, batch_size: int = 64,
+                      num_workers: int = 2, min_samples: int = 50_000, shard_size: int = 1000) -> dict:
+    """Samples/s of :func:`build_loader` (one DP rank, ``num_workers`` workers) over shards of ``images``.
+
+    Runs whole epochs until ``min_samples`` are read; the time includes each epoch's worker start.
+    """
+    from .sources import open_source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(os.path.join(tmp, "bench.npz"), images=images, labels=labels)
+        shard_dir = os.path.join(tmp, "shards")
+        build_shards(open_source(os.path.join(tmp, "bench.npz")), shard_dir, palette,
+                     BuildSettings(resolution=images.shape[1], shard_size=shard_size), progress=False,
+                     log=lambda s: None)
+        loader = build_loader(shard_dir, batch_size=batch_size, dp_rank=0, dp_world_size=1,
+                              num_workers=num_workers)
+        epochs = max(1, -(-min_samples // (loader.batches_per_epoch * batch_size)))
+        loader.epochs = epochs
+        samples = 0
+        start = time.perf_counter()
+        for batch in loader:
+            samples += len(batch["keys"])
+        seconds = time.perf_counter() - start
+    return {"samples": samples, "epochs": epochs, "batch_size": batch_size, "num_workers": num_workers,
+            "samples_per_s": samples / seconds, "shards": -(-len(images) // shard_size)}
+
+
+def gpu_consumption(preset: str = "igpt-l", mfu: float = 0.5, peak_flops: float = H100_BF16_DENSE_FLOPS) -> dict:
+    """Samples/s one GPU trains on: peak * MFU / (train FLOPs per token * tokens per sample)."""
+    cfg = get_preset(preset)
+    per_sample = cfg.train_flops_per_token() * cfg.seq_len
+    return {"preset": preset, "seq_len": cfg.seq_len, "flops_per_token": cfg.train_flops_per_token(),
+            "flops_per_sample": per_sample, "mfu": mfu, "peak_flops": peak_flops,
+            "samples_per_s": peak_flops * mfu / per_sample}

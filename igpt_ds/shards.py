@@ -1,0 +1,441 @@
+"""Pre-quantized WebDataset shards and their ``dataset.json`` manifest.
+
+A shard is an uncompressed tar. Each sample is one view of one source image, as tar members
+
+    <key>.tokens   MR = resolution**2 tokens, little-endian uint16, raster order
+    <key>.cls      the label as ASCII digits (only when the source has labels)
+
+``<key>`` is ``<source key>_v<view>`` (letters, digits, ``_``, ``-``; no dots, since WebDataset
+splits key from extension at the first dot). Shards are named ``<split>-<000000>.tar``.
+
+Images are put in a seeded random order before they are cut into shards, so each shard is a
+random sample of the source (class-sorted folders do not give class-sorted shards) and a reader
+that takes contiguous shard ranges still sees a well-mixed stream.
+
+The manifest ``dataset.json`` (written last, atomically) records the format version, palette
+SHA-256, resolution, each shard's name, sample count, size and SHA-256, the total, the label
+names, the source, any skipped images, and the build settings. A build that is interrupted keeps
+a ``.build-progress.json`` of the shards finished so far; re-running it verifies and keeps those
+and builds only the rest. Shards are written as ``<name>.tmp`` and renamed when complete, so a
+final name never holds a truncated shard. Output bytes depend only on the settings and the seed,
+not on the number of worker processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .config import NUM_COLORS
+from .palette import palette_sha256, quantize
+from .sources import BadImageError, ImageSource, open_source
+
+MANIFEST_NAME = "dataset.json"
+PROGRESS_NAME = ".build-progress.json"
+FORMAT_NAME = "igpt-ds-shards"
+FORMAT_VERSION = 1
+TOKENS_EXT = "tokens"
+LABEL_EXT = "cls"
+CROPS = ("center", "random-resized")
+_SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class ShardError(ValueError):
+    """A shard or manifest that cannot be used as it is. The message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Resizing: the paper's two variants
+# ---------------------------------------------------------------------------------------------
+
+def resize_view(image: np.ndarray, resolution: int, crop: str = "center",
+                rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """One (resolution, resolution, 3) uint8 view of ``image`` (H, W, 3).
+
+    ``center``: resize so the shorter side is ``resolution``, then take the centre square (the
+    paper's evaluation transform). ``random-resized``: the paper's ImageNet pretraining
+    augmentation made size-independent: resizing the shorter side to s ~ U[256, 384] and taking
+    a random 224 crop is a random square crop of 224/s of the shorter side, then resized to
+    ``resolution``. Images already at the resolution pass through unchanged in ``center`` mode.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    short = min(h, w)
+    if crop == "center":
+        if h == w == resolution:
+            return image
+        new_w, new_h = max(resolution, round(w * resolution / short)), max(resolution, round(h * resolution / short))
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+        return np.ascontiguousarray(resized[top:top + resolution, left:left + resolution])
+    if crop == "random-resized":
+        if rng is None:
+            raise ValueError("random-resized crops need an rng")
+        side = max(1, int(round(short * 224.0 / rng.uniform(256.0, 384.0))))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        patch = Image.fromarray(np.ascontiguousarray(image[top:top + side, left:left + side]))
+        return np.asarray(patch.resize((resolution, resolution), Image.Resampling.BILINEAR))
+    raise ValueError(f"crop={crop!r}: choose one of {CROPS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardRecord:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated ``dataset.json``: shard names are plain file names inside ``directory``."""
+
+    path: str
+    directory: str
+    resolution: int
+    palette_sha256: str
+    num_colors: int
+    shards: tuple[ShardRecord, ...]
+    num_samples: int
+    label_names: tuple[str, ...]
+    data: dict
+
+    @property
+    def seq_len(self) -> int:
+        return self.resolution * self.resolution
+
+    def shard_paths(self) -> list[str]:
+        return [os.path.join(self.directory, s.name) for s in self.shards]
+
+
+def check_shard_name(name: Any, manifest_path: str) -> str:
+    """Refuse a shard name that is not a plain file name (no path, no URL, no ``pipe:``)."""
+    if (not isinstance(name, str) or not _SAFE_SHARD_NAME.match(name) or ".." in name
+            or name.lower().startswith("pipe")):
+        raise ShardError(f"{manifest_path}: shard name {name!r} is not a plain file name in the "
+                         f"manifest's directory (no '/', '..', URLs or 'pipe:'); a manifest cannot "
+                         f"point elsewhere. Put the shards beside it, or pass their URLs to the "
+                         f"loader yourself")
+    return name
+
+
+def read_manifest(path: str) -> Manifest:
+    """Read and validate ``dataset.json`` (``path`` is the file or the directory holding it)."""
+    path = os.fspath(path)
+    file = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: no shard manifest; build shards with "
+                                f"`python tools/build_shards.py --data DATA --out {os.path.dirname(file) or '.'}`")
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{file}: not valid JSON ({e}); rebuild it with tools/build_shards.py") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise ShardError(f"{file}: not an {FORMAT_NAME} manifest (format={data.get('format') if isinstance(data, dict) else None!r})")
+    if data.get("version") != FORMAT_VERSION:
+        raise ShardError(f"{file}: manifest version {data.get('version')!r}, this code reads "
+                         f"version {FORMAT_VERSION}; rebuild the shards with this version's tools/build_shards.py")
+    try:
+        shards = tuple(ShardRecord(check_shard_name(s["name"], file), int(s["samples"]), int(s["bytes"]),
+                                   str(s["sha256"])) for s in data["shards"])
+        manifest = Manifest(path=file, directory=os.path.dirname(os.path.abspath(file)),
+                            resolution=int(data["resolution"]), palette_sha256=str(data["palette_sha256"]),
+                            num_colors=int(data.get("num_colors", NUM_COLORS)), shards=shards,
+                            num_samples=int(data["num_samples"]),
+                            label_names=tuple(data.get("label_names", [])), data=data)
+    except (KeyError, TypeError) as e:
+        raise ShardError(f"{file}: manifest field missing or malformed ({e!r}); rebuild it with "
+                         f"tools/build_shards.py") from None
+    if sum(s.samples for s in shards) != manifest.num_samples:
+        raise ShardError(f"{file}: num_samples={manifest.num_samples} but the shards hold "
+                         f"{sum(s.samples for s in shards)}; the manifest is inconsistent, rebuild it")
+    return manifest
+
+
+def check_manifest(manifest: Manifest, expected_palette_sha256: Optional[str] = None,
+                   expected_resolution: Optional[int] = None) -> None:
+    """Refuse shards made with another palette or at another resolution than the run expects."""
+    if expected_palette_sha256 is not None and manifest.palette_sha256 != expected_palette_sha256:
+        raise ShardError(
+            f"{manifest.path}: shards were quantized with palette sha256 {manifest.palette_sha256[:16]}..., "
+            f"the run expects {expected_palette_sha256[:16]}...: tokens from another palette are other "
+            f"colours. Rebuild the shards with the run's palette (tools/build_shards.py --palette), "
+            f"or run with the palette these shards were built with")
+    if expected_resolution is not None and manifest.resolution != expected_resolution:
+        raise ShardError(
+            f"{manifest.path}: shards are at resolution {manifest.resolution} "
+            f"({manifest.seq_len} tokens), the run expects {expected_resolution}: rebuild the shards "
+            f"with --resolution {expected_resolution}, or set the model's resolution to {manifest.resolution}")
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the manifest from other users
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything the output bytes depend on (worker count excluded: it changes nothing)."""
+
+    resolution: int = 32
+    shard_size: int = 5000
+    seed: int = 0
+    crop: str = "center"
+    views: int = 1
+    skip_bad: bool = False
+    prefix: str = "train"
+
+    def validate(self) -> "BuildSettings":
+        if self.resolution < 1 or self.shard_size < 1 or self.views < 1:
+            raise ValueError(f"resolution, shard_size and views must be >= 1 ({self})")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop={self.crop!r}: choose one of {CROPS}")
+        if self.crop == "center" and self.views != 1:
+            raise ValueError(f"views={self.views} needs --crop random-resized: centre crops are all identical")
+        if not re.match(r"^[A-Za-z0-9_-]+$", self.prefix):
+            raise ValueError(f"shard prefix {self.prefix!r}: use letters, digits, '_' or '-'")
+        return self
+
+
+def plan_shards(num_images: int, settings: BuildSettings) -> list[np.ndarray]:
+    """Per shard, the (image index, view) pairs it holds, as an int64 array (n, 2).
+
+    Images are permuted with the seed; the views of one image are consecutive.
+    """
+    order = np.random.default_rng([settings.seed, 0x5A4D]).permutation(num_images)
+    slots = np.stack([np.repeat(order, settings.views),
+                      np.tile(np.arange(settings.views), num_images)], axis=1)
+    return [slots[s:s + settings.shard_size] for s in range(0, len(slots), settings.shard_size)]
+
+
+def shard_name(settings: BuildSettings, index: int) -> str:
+    return f"{settings.prefix}-{index:06d}.tar"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed metadata: reproducible bytes
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _write_tar(path: str, keys: Sequence[str], tokens: np.ndarray, labels: Optional[Sequence[int]]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for i, key in enumerate(keys):
+                _add_member(tar, f"{key}.{TOKENS_EXT}", tokens[i].astype("<u2").tobytes())
+                if labels is not None:
+                    _add_member(tar, f"{key}.{LABEL_EXT}", str(int(labels[i])).encode("ascii"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_one_shard(source: ImageSource, palette: np.ndarray, settings: BuildSettings, index: int,
+                    slots: np.ndarray, out_dir: str, device: Optional[str] = None) -> dict:
+    """Read, resize, quantize and write shard ``index``; returns its manifest record."""
+    views, keys, labels, skipped = [], [], [], []
+    current, image, label = -1, None, -1
+    for image_index, view in slots.tolist():
+        if image_index != current:
+            current = image_index
+            try:
+                image, label = source[image_index]
+            except BadImageError as e:
+                if not settings.skip_bad:
+                    raise
+                image = None
+                skipped.append({"key": source.key(image_index), "index": image_index, "error": str(e)})
+        if image is None:
+            continue
+        rng = np.random.default_rng([settings.seed, image_index, view]) if settings.crop != "center" else None
+        views.append(resize_view(image, settings.resolution, settings.crop, rng))
+        keys.append(f"{source.key(image_index)}_v{view}")
+        labels.append(label)
+    tokens = (quantize(np.stack(views), palette, device=device) if views
+              else np.zeros((0, settings.resolution ** 2), np.int64))
+    name = shard_name(settings, index)
+    for record in skipped:
+        record["shard"] = name
+    path = os.path.join(out_dir, name)
+    _write_tar(path, keys, tokens, labels if source.has_labels else None)
+    return {"name": name, "samples": len(keys), "bytes": os.path.getsize(path),
+            "sha256": _sha256_file(path), "skipped": skipped}
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(open_args: dict, palette: np.ndarray, settings: BuildSettings, out_dir: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core; threads inside would oversubscribe
+    _WORKER.update(source=open_source(**open_args), palette=palette, settings=settings, out_dir=out_dir)
+
+
+def _worker_build(job: tuple[int, np.ndarray]) -> dict:
+    w = _WORKER
+    return build_one_shard(w["source"], w["palette"], w["settings"], job[0], job[1], w["out_dir"], device="cpu")
+
+
+def _fingerprint(source: ImageSource, palette: np.ndarray, settings: BuildSettings) -> dict:
+    return {"source": source.describe(), "palette_sha256": palette_sha256(palette),
+            "settings": dataclasses.asdict(settings), "format_version": FORMAT_VERSION}
+
+
+def _reusable(out_dir: str, record: dict) -> bool:
+    path = os.path.join(out_dir, record["name"])
+    return (os.path.isfile(path) and os.path.getsize(path) == record["bytes"]
+            and _sha256_file(path) == record["sha256"])
+
+
+def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, settings: BuildSettings, *,
+                 workers: int = 1, device: Optional[str] = None, build_info: Optional[dict] = None,
+                 progress: bool = True, open_args: Optional[dict] = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """Write ``source`` as shards + ``dataset.json`` into ``out_dir``; returns the manifest dict.
+
+    ``workers > 1`` builds shards in that many processes; they reopen the source from
+    ``open_args`` (default ``source.open_args``, set by :func:`open_source`). Re-running after an
+    interruption keeps every shard whose recorded size and SHA-256 still match and builds the
+    rest. The result has ``"built"`` / ``"reused"`` shard name lists (not part of the file).
+    """
+    from tqdm import tqdm
+
+    settings.validate()
+    os.makedirs(out_dir, exist_ok=True)
+    fingerprint = _fingerprint(source, palette, settings)
+    done = _previous_records(out_dir, fingerprint)
+    for stray in os.listdir(out_dir):
+        if stray.endswith(".tar.tmp"):  # a shard cut off mid-write by the interruption
+            os.unlink(os.path.join(out_dir, stray))
+    plan = plan_shards(len(source), settings)
+    records: dict[int, dict] = {}
+    reused = []
+    for i in range(len(plan)):
+        record = done.get(shard_name(settings, i))
+        if record is not None and _reusable(out_dir, record):
+            records[i] = record
+            reused.append(record["name"])
+    jobs = [(i, plan[i]) for i in range(len(plan)) if i not in records]
+    if reused:
+        log(f"{out_dir}: {len(reused)} finished shard(s) verified and kept, {len(jobs)} to build")
+    bar = tqdm(total=sum(len(s) for s in plan), initial=sum(len(plan[i]) for i in records),
+               unit="sample", desc=f"shards {settings.prefix}", disable=not progress)
+
+    def finished(i: int, record: dict) -> None:
+        records[i] = record
+        bar.update(len(plan[i]))
+        _write_json_atomic(os.path.join(out_dir, PROGRESS_NAME),
+                           {"fingerprint": fingerprint, "shards": [records[k] for k in sorted(records)]})
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, slots in jobs:
+            finished(i, build_one_shard(source, palette, settings, i, slots, out_dir, device))
+    else:
+        open_args = open_args or source.open_args
+        if not open_args:
+            raise ValueError("workers > 1 needs open_args (how worker processes reopen the source): "
+                             "open the source with igpt_ds.sources.open_source")
+        import multiprocessing as mp
+
+        # spawn, not fork: a forked child of a process that already ran torch ops can deadlock.
+        with mp.get_context("spawn").Pool(min(workers, len(jobs)), _worker_init,
+                                          (open_args, palette, settings, out_dir)) as pool:
+            for (i, _), record in zip(jobs, pool.imap(_worker_build, jobs)):
+                finished(i, record)
+    bar.close()
+
+    ordered = [records[i] for i in range(len(plan))]
+    skipped = [s for r in ordered for s in r["skipped"]]
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "palette_sha256": fingerprint["palette_sha256"],
+        "num_colors": int(len(palette)),
+        "resolution": settings.resolution,
+        "seq_len": settings.resolution ** 2,
+        "token_encoding": f"{TOKENS_EXT}: little-endian uint16, raster order; {LABEL_EXT}: ASCII int",
+        "label_names": list(source.label_names),
+        "has_labels": source.has_labels,
+        "num_samples": sum(r["samples"] for r in ordered),
+        "num_images": len(source) - len(skipped),
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in ordered],
+        "skipped": skipped,
+        "source": source.describe(),
+        "build": {**dataclasses.asdict(settings), **(build_info or {}),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    }
+    _write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    progress_file = os.path.join(out_dir, PROGRESS_NAME)
+    if os.path.exists(progress_file):
+        os.unlink(progress_file)
+    return {**manifest, "built": [shard_name(settings, i) for i, _ in jobs], "reused": reused}
+
+
+def _previous_records(out_dir: str, fingerprint: dict) -> dict[str, dict]:
+    """Shard records of an earlier run of the same build in ``out_dir`` (progress or manifest)."""
+    progress = os.path.join(out_dir, PROGRESS_NAME)
+    manifest = os.path.join(out_dir, MANIFEST_NAME)
+    if os.path.isfile(progress):
+        with open(progress) as f:
+            data = json.load(f)
+        previous, shards = data.get("fingerprint"), data.get("shards", [])
+        where = progress
+    elif os.path.isfile(manifest):
+        with open(manifest) as f:
+            data = json.load(f)
+        previous = {"source": data.get("source"), "palette_sha256": data.get("palette_sha256"),
+                    "settings": {k: data.get("build", {}).get(k) for k in fingerprint["settings"]},
+                    "format_version": data.get("version")}
+        shards = [{**s, "skipped": [x for x in data.get("skipped", [])
+                                    if x.get("shard") == s["name"]]} for s in data.get("shards", [])]
+        where = manifest
+    else:
+        return {}
+    if previous != fingerprint:
+        raise ShardError(f"{out_dir}: holds shards of a different build ({where} differs in source, "
+                         f"palette or settings); use another --out directory, or delete this one")
+    for record in shards:
+        check_shard_name(record.get("name"), where)
+    return {r["name"]: r for r in shards}

@@ -1,0 +1,225 @@
+"""The streaming loader: round trip, DP/TP split, equal batch counts, resume, bad input."""
+import collections
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from igpt_ds.data import EpochLayout, build_loader, epoch_segments
+from igpt_ds.palette import palette_sha256, quantize
+from igpt_ds.parallel import ParallelLayout
+from igpt_ds.shards import BuildSettings, ShardError, _write_tar, build_shards, read_manifest
+from igpt_ds.sources import open_source
+from igpt_ds.testing import run_ranks
+
+RES = 8
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """48 labelled 8x8 images in shards of 10, 10, 10, 10, 8 samples."""
+    root = tmp_path_factory.mktemp("data")
+    imgs = np.random.default_rng(0).integers(0, 256, (48, RES, RES, 3), dtype=np.uint8)
+    np.savez(root / "d.npz", images=imgs, labels=np.arange(48) % 5)
+    pal = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
+    build_shards(open_source(root / "d.npz"), str(root / "shards"), pal,
+                 BuildSettings(resolution=RES, shard_size=10), progress=False)
+    expected = {f"d_{i:07d}_v0": (quantize(imgs[i:i + 1], pal)[0], i % 5) for i in range(48)}
+    return root / "shards", pal, expected
+
+
+def epoch_batches(loader):
+    return [batch for _, batch in zip(range(loader.batches_per_epoch), loader)]
+
+
+def test_round_trip_every_sample_once_across_2_dp_ranks_x_2_workers(dataset):
+    shards, pal, expected = dataset
+    seen = collections.Counter()
+    for dp in range(2):
+        loader = build_loader(str(shards), batch_size=4, dp_rank=dp, dp_world_size=2, num_workers=2, epochs=1,
+                              expected_palette_sha256=palette_sha256(pal), expected_resolution=RES)
+        batches = list(loader)
+        assert len(batches) == loader.batches_per_epoch == 6 and loader.num_samples == 48
+        for batch in batches:
+            assert batch["tokens"].shape == (4, RES * RES) and batch["labels"].shape == (4,)
+            for key, tokens, label in zip(batch["keys"], batch["tokens"], batch["labels"]):
+                np.testing.assert_array_equal(tokens.numpy(), expected[key][0])
+                assert int(label) == expected[key][1]
+                seen[key] += 1
+    assert seen == collections.Counter({k: 1 for k in expected})
+
+
+def test_shuffle_changes_per_epoch_and_sources_agree(dataset):
+    shards, _, expected = dataset
+    loader = build_loader(str(shards), batch_size=6, dp_rank=0, dp_world_size=1, num_workers=0, epochs=2,
+                          shuffle_buffer=16)
+    keys = [k for b in loader for k in b["keys"]]
+    assert sorted(keys[:48]) == sorted(keys[48:]) == sorted(expected) and keys[:48] != keys[48:]
+    # The same shards by brace pattern (dataset.json beside it), by explicit list + manifest,
+    # and through a user-given pipe: command.
+    pattern = str(shards / "train-{000000..000004}.tar")
+    pipes = [f"pipe:cat {p}" for p in read_manifest(shards).shard_paths()]
+    for source, manifest in [(pattern, None), (pipes, str(shards / "dataset.json"))]:
+        other = build_loader(source, batch_size=6, dp_rank=0, dp_world_size=1, num_workers=0, epochs=2,
+                             shuffle_buffer=16, manifest=manifest)
+        assert [k for b in other for k in b["keys"]] == keys
+    with pytest.raises(ValueError, match="manifest="):
+        build_loader(pipes, batch_size=6, dp_rank=0, dp_world_size=1)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_every_dp_rank_gets_the_same_number_of_batches(drop_last):
+    for n, d, b, w in itertools.product([1, 7, 48, 50, 101], [1, 2, 3, 8], [1, 4, 5], [1, 2, 3]):
+        layout = EpochLayout(n, d, b, drop_last)
+        if layout.batches_per_epoch == 0:
+            continue
+        covered = []
+        for rank in range(d):
+            sizes = []
+            for worker in range(w):
+                start, stop = layout.worker_range(rank, worker, w)
+                covered += [p % n for p in range(start, stop)]
+                sizes.append(stop - start)
+            # Worker w's batches are w, w+W, ...: full ones, except the very last batch.
+            assert sum(sizes) == layout.samples_per_rank
+            assert sum(-(-s // b) for s in sizes) == layout.batches_per_epoch
+        counts = collections.Counter(covered)
+        if drop_last:
+            assert max(counts.values()) == 1 and len(counts) == d * layout.samples_per_rank
+        else:
+            assert len(counts) == n and len(covered) - n < d  # every sample, padding < D
+        segments = epoch_segments([10] * (n // 10) + [n % 10] * (n % 10 > 0), 0, 0, True, 0, n)
+        assert sum(e - f for _, f, e in segments) == n
+
+
+def _rank_batches(rank, world, shards, tp):
+    import torch
+    import torch.distributed as dist
+
+    dp, _, _ = ParallelLayout(world, tensor_parallel=tp).coords(rank)
+    # num_workers=0: run_ranks' processes are daemonic and may not start DataLoader workers.
+    loader = build_loader(shards, batch_size=5, dp_rank=dp, dp_world_size=world // tp, num_workers=0, epochs=1)
+    keys = []
+    for batch in loader:  # a collective per step, as in training: unequal batch counts would hang
+        step = torch.ones(1)
+        dist.all_reduce(step)
+        assert step.item() == world
+        keys.append(batch["keys"])
+    return dp, keys
+
+
+def test_tp_ranks_share_batches_dp_replicas_are_disjoint(dataset):
+    shards, _, _ = dataset
+    results = run_ranks(_rank_batches, 4, str(shards), 2, timeout=120)  # TP=2 x DP=2
+    assert [dp for dp, _ in results] == [0, 0, 1, 1]
+    assert results[0][1] == results[1][1] and results[2][1] == results[3][1]
+    replica0 = {k for batch in results[0][1] for k in batch}
+    replica1 = {k for batch in results[2][1] for k in batch}
+    assert len(results[0][1]) == len(results[2][1]) == 4  # 48 samples / 2 replicas / batch 5, drop_last
+    assert len(replica0) == len(replica1) == 20 and replica0.isdisjoint(replica1)
+
+
+def test_resume_mid_epoch_continues_it(dataset):
+    shards, _, expected = dataset
+    kwargs = dict(batch_size=3, dp_rank=1, dp_world_size=2, num_workers=2, epochs=2, seed=7, shuffle_buffer=8)
+    reference = [b["keys"] for b in build_loader(str(shards), **kwargs)]
+    assert len(reference) == 16
+    first = build_loader(str(shards), **kwargs)
+    head = [b["keys"] for b in itertools.islice(first, 5)]  # stop after 5 batches of epoch 0
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    assert (state["epoch"], state["batch"]) == (0, 5)
+    resumed = build_loader(str(shards), **kwargs)
+    resumed.load_state_dict(state)
+    tail = [b["keys"] for b in resumed]
+    assert head + tail == reference
+    epoch0 = [k for batch in head + tail[:3] for k in batch]
+    assert len(epoch0) == len(set(epoch0)) == 24 and set(epoch0) <= set(expected)
+
+    other = build_loader(str(shards), **{**kwargs, "num_workers": 1})
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("workers, drop_last, stop", [(3, False, 4), (3, False, 9), (2, True, 1)])
+def test_resume_any_worker_phase(dataset, workers, drop_last, stop):
+    shards, _, _ = dataset
+    kwargs = dict(batch_size=5, dp_rank=0, dp_world_size=2, num_workers=workers, epochs=1, drop_last=drop_last)
+    reference = [b["keys"] for b in build_loader(str(shards), **kwargs)]
+    assert len(reference) == (5 if drop_last is False else 4)
+    first = build_loader(str(shards), **kwargs)
+    head = [b["keys"] for b in itertools.islice(first, stop)]
+    resumed = build_loader(str(shards), **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b["keys"] for b in resumed] == reference
+
+
+def test_manifest_must_match_the_run(dataset):
+    shards, pal, _ = dataset
+    with pytest.raises(ShardError) as e:
+        build_loader(str(shards), batch_size=4, dp_rank=0, dp_world_size=1, expected_palette_sha256="0" * 64)
+    assert "dataset.json" in str(e.value) and "--palette" in str(e.value)
+    with pytest.raises(ShardError, match="--resolution 32"):
+        build_loader(str(shards), batch_size=4, dp_rank=0, dp_world_size=1, expected_resolution=32)
+
+
+def fake_shard_set(root, samples, name="train-000000.tar", entry_name=None, count=None):
+    """A one-shard set with the given (key, tokens) samples, bypassing the builder's checks."""
+    root.mkdir()
+    keys = [k for k, _ in samples]
+    width = max(len(t) for _, t in samples)
+    tokens = np.zeros((len(samples), width), np.int64)
+    for i, (_, t) in enumerate(samples):
+        tokens[i, :len(t)] = t
+    path = str(root / name)
+    _write_tar(path, keys, tokens, [0] * len(keys))
+    if any(len(t) != width for _, t in samples):  # rewrite the short sample's member
+        import tarfile, io  # noqa: E401
+        with tarfile.open(path, "w") as tar:
+            for k, t in samples:
+                payload = np.asarray(t, "<u2").tobytes()
+                info = tarfile.TarInfo(f"{k}.tokens")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    manifest = {"format": "igpt-ds-shards", "version": 1, "palette_sha256": "ab" * 32, "num_colors": 512,
+                "resolution": 2, "num_samples": count or len(samples), "label_names": [],
+                "shards": [{"name": entry_name or name, "samples": count or len(samples), "bytes": 0, "sha256": ""}]}
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    return root
+
+
+def read_all(root, **kw):
+    return [b for b in build_loader(str(root), batch_size=1, dp_rank=0, dp_world_size=1, num_workers=0,
+                                    epochs=1, shuffle=False, **kw)]
+
+
+def test_bad_samples_name_shard_and_key(tmp_path):
+    good = [0, 1, 2, 3]
+    root = fake_shard_set(tmp_path / "wide", [("a_v0", good), ("b_v0", [0, 1, 2, 3, 4])])
+    with pytest.raises(ShardError, match=r"train-000000.tar: sample 'b_v0' has 5 tokens, expected 4"):
+        read_all(root)
+    root = fake_shard_set(tmp_path / "big", [("a_v0", good), ("c_v0", [0, 512, 1, 1])])
+    with pytest.raises(ShardError, match=r"sample 'c_v0' has token 512"):
+        read_all(root)
+    root = fake_shard_set(tmp_path / "ok", [("a_v0", good), ("d_v0", good), ("e_v0", good)])
+    assert len(read_all(root)) == 3
+    path = root / "train-000000.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[:2048 + 700])  # a sample is 4 blocks of 512: cut inside the second
+    with pytest.raises(ShardError, match=r"train-000000.tar: corrupt or truncated tar after sample 'a_v0'"):
+        read_all(root)
+    path.write_bytes(b"\x13" * 4096)
+    with pytest.raises(ShardError, match=r"train-000000.tar: corrupt or truncated tar"):
+        read_all(root)
+    root = fake_shard_set(tmp_path / "short", [("a_v0", good)], count=3)
+    with pytest.raises(ShardError, match=r"ends after 1 samples, its manifest lists 3"):
+        read_all(root)
+
+
+@pytest.mark.parametrize("name", ["../train-000000.tar", "/etc/passwd", "pipe:cat x.tar", "sub/x.tar",
+                                  "http://example.com/x.tar", "..", "x\\..\\y.tar"])
+def test_manifest_cannot_point_outside_its_directory(tmp_path, name):
+    root = fake_shard_set(tmp_path / "m", [("a_v0", [0, 1, 2, 3])], entry_name=name)
+    with pytest.raises(ShardError, match="plain file name"):
+        read_all(root)

@@ -1,0 +1,151 @@
+"""Shard building: content, determinism, restart after interruption, skipping bad images, CLI."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt_ds import shards as shards_module
+from igpt_ds.palette import palette_sha256, quantize, save_palette
+from igpt_ds.shards import BuildSettings, ShardError, build_shards, read_manifest, resize_view
+from igpt_ds.sources import open_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def palette(seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (512, 3)).astype(np.float32)
+
+
+def npz_source(tmp_path, n=23, size=12, seed=0):
+    imgs = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=imgs, labels=np.arange(n) % 4)
+    return imgs, open_source(tmp_path / "d.npz")
+
+
+def read_tar(path):
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_shards_hold_quantized_views_and_manifest(tmp_path):
+    imgs, source = npz_source(tmp_path)
+    pal = palette()
+    settings = BuildSettings(resolution=8, shard_size=10, seed=3)
+    result = build_shards(source, str(tmp_path / "out"), pal, settings, progress=False)
+    m = read_manifest(tmp_path / "out")
+    assert [s.samples for s in m.shards] == [10, 10, 3] and m.num_samples == 23 == result["num_samples"]
+    assert m.palette_sha256 == palette_sha256(pal) and m.resolution == 8 and m.label_names == ("0", "1", "2", "3")
+    assert m.data["source"]["type"] == "npz" and m.data["build"]["seed"] == 3
+    assert sorted(os.listdir(tmp_path / "out")) == ["dataset.json", "train-000000.tar", "train-000001.tar",
+                                                    "train-000002.tar"]
+    seen = {}
+    for path in m.shard_paths():
+        seen.update(read_tar(path))
+    assert len(seen) == 23
+    for key, sample in seen.items():
+        assert "." not in key and key.endswith("_v0")
+        index = int(key.split("_")[1])
+        expected = quantize(resize_view(imgs[index], 8, "center")[None], pal)[0]
+        np.testing.assert_array_equal(np.frombuffer(sample["tokens"], "<u2"), expected)
+        assert int(sample["cls"]) == index % 4
+
+
+def test_resize_modes():
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert resize_view(image, 16, "center").shape == (16, 16, 3)
+    a = resize_view(image, 16, "random-resized", np.random.default_rng([1, 2]))
+    b = resize_view(image, 16, "random-resized", np.random.default_rng([1, 2]))
+    c = resize_view(image, 16, "random-resized", np.random.default_rng([1, 3]))
+    assert a.shape == (16, 16, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_output_is_independent_of_worker_count_and_views(tmp_path):
+    _, source = npz_source(tmp_path, n=9)
+    settings = BuildSettings(resolution=8, shard_size=4, seed=1, crop="random-resized", views=2)
+    one = build_shards(source, str(tmp_path / "w1"), palette(), settings, workers=1, progress=False)
+    two = build_shards(source, str(tmp_path / "w2"), palette(), settings, workers=2, progress=False)
+    assert one["num_samples"] == 18 and [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+    keys = [k for path in read_manifest(tmp_path / "w1").shard_paths() for k in read_tar(path)]
+    assert sum(k.endswith("_v1") for k in keys) == 9 and len(set(keys)) == 18
+
+
+def test_interrupted_build_resumes_without_redoing_shards(tmp_path, monkeypatch):
+    _, source = npz_source(tmp_path)
+    settings = BuildSettings(resolution=8, shard_size=5, seed=0)
+    clean = build_shards(source, str(tmp_path / "clean"), palette(), settings, progress=False)
+    out = tmp_path / "out"
+    real_write, calls = shards_module._write_tar, []
+
+    def write_then_die(path, *args):
+        calls.append(os.path.basename(path))
+        if len(calls) == 3:  # killed while writing the third shard: half a file under .tmp
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"\0" * 700)
+            raise KeyboardInterrupt
+        real_write(path, *args)
+
+    monkeypatch.setattr(shards_module, "_write_tar", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(source, str(out), palette(), settings, progress=False)
+    names = sorted(os.listdir(out))
+    assert "dataset.json" not in names and "train-000002.tar" not in names and "train-000002.tar.tmp" in names
+    monkeypatch.setattr(shards_module, "_write_tar", real_write)
+    resumed = build_shards(source, str(out), palette(), settings, progress=False, log=lambda s: None)
+    assert resumed["reused"] == ["train-000000.tar", "train-000001.tar"]
+    assert resumed["built"] == ["train-000002.tar", "train-000003.tar", "train-000004.tar"]
+    assert resumed["shards"] == clean["shards"]
+    assert not any(n.endswith(".tmp") or n.startswith(".") for n in os.listdir(out))
+
+    # A finished shard damaged later is found by its hash and rebuilt; the others are kept.
+    with open(out / "train-000001.tar", "r+b") as f:
+        f.truncate(1024)
+    again = build_shards(source, str(out), palette(), settings, progress=False, log=lambda s: None)
+    assert again["built"] == ["train-000001.tar"] and again["shards"] == clean["shards"]
+
+    with pytest.raises(ShardError, match="different build"):
+        build_shards(source, str(out), palette(), BuildSettings(resolution=8, shard_size=5, seed=1), progress=False)
+
+
+def test_skip_bad_lists_unreadable_images(tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((10, 10, 3), 40 * i, np.uint8)).save(folder / "cat" / f"{i}.png")
+    (folder / "cat" / "bad.png").write_bytes(b"\x89PNG broken")
+    source = open_source(folder)
+    settings = BuildSettings(resolution=8, shard_size=2)
+    with pytest.raises(ValueError, match="bad.png"):
+        build_shards(source, str(tmp_path / "strict"), palette(), settings, progress=False)
+    assert not os.path.exists(tmp_path / "strict" / "dataset.json")
+    result = build_shards(source, str(tmp_path / "lenient"), palette(),
+                          BuildSettings(resolution=8, shard_size=2, skip_bad=True), progress=False)
+    assert result["num_samples"] == 3 and len(result["skipped"]) == 1
+    assert "bad.png" in result["skipped"][0]["error"] and result["skipped"][0]["key"] == "cat_bad_png"
+    on_disk = json.loads((tmp_path / "lenient" / "dataset.json").read_text())
+    assert on_disk["skipped"] == result["skipped"] and on_disk["num_images"] == 3
+
+
+def test_build_shards_cli_with_held_out_split(tmp_path):
+    npz_source(tmp_path, n=25)
+    save_palette(tmp_path / "palette.npy", palette())
+    cmd = [sys.executable, os.path.join(REPO, "tools", "build_shards.py"), "--data", str(tmp_path / "d.npz"),
+           "--palette", str(tmp_path / "palette.npy"), "--resolution", "8", "--out", str(tmp_path / "out"),
+           "--shard-size", "10", "--val-fraction", "0.2", "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    train, val = read_manifest(tmp_path / "out" / "train"), read_manifest(tmp_path / "out" / "val")
+    assert (train.num_samples, val.num_samples) == (20, 5)
+    assert val.shards[0].name == "val-000000.tar" and train.data["build"]["args"]["val_fraction"] == 0.2
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "0 built, 2 kept" in rerun.stdout

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Fit the k-means colour palette (palette.npy) on a random sample of an image source's pixels.
+
+    python tools/make_palette.py --data cifar-10-batches-py --out palette.npy
+
+Writes float32 (clusters, 3) in [-1, 1] (the format of OpenAI's kmeans_centers.npy) atomically,
+then prints how well it reconstructs pixels of images it was not fitted on (MSE, 0..255 units).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import numpy as np  # noqa: E402
+
+from igpt_ds.palette import dequantize, fit_palette, palette_sha256, quantize, save_palette  # noqa: E402
+from igpt_ds.sources import images_for_pixels, open_source, sample_pixels  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="image source: cifar-10-batches-py/, cifar-100-python/, "
+                   "stl10_binary/, an image folder, or a .npz")
+    p.add_argument("--split", default="train", help="split to sample pixels from (default: train)")
+    p.add_argument("--out", required=True, help="where to write the palette (.npy)")
+    p.add_argument("--clusters", type=int, default=512, help="palette size (default: 512, the paper's 9-bit palette)")
+    p.add_argument("--sample-pixels", type=int, default=1_000_000, help="pixels to fit on (default: 1000000)")
+    p.add_argument("--heldout-pixels", type=int, default=100_000, help="pixels to measure MSE on (default: 100000)")
+    p.add_argument("--iters", type=int, default=30, help="maximum Lloyd iterations (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pixel sample and k-means++ (default: 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    source = open_source(args.data, args.split)
+    print(f"source: {source.name}, {len(source)} images")
+    pixels = sample_pixels(source, args.sample_pixels, args.seed)
+    heldout = sample_pixels(source, args.heldout_pixels, args.seed + 1,
+                            exclude_images=images_for_pixels(args.sample_pixels))
+    start = time.time()
+    palette = fit_palette(pixels, args.clusters, args.seed, iters=args.iters, device=args.device)
+    print(f"k-means: {args.clusters} colours from {len(pixels)} pixels in {time.time() - start:.1f}s")
+    save_palette(args.out, palette)
+    recon = dequantize(quantize(heldout[None, :, None, :], palette, device=args.device), palette, side=len(heldout))
+    mse = float(np.mean((recon.reshape(-1, 3).astype(np.float64) - heldout.astype(np.float64)) ** 2))
+    print(f"held-out reconstruction: MSE {mse:.2f} (RMSE {mse ** 0.5:.2f}) in 0..255 units "
+          f"on {len(heldout)} pixels")
+    print(f"wrote {args.out} (palette sha256 {palette_sha256(palette)})")
+
+
+if __name__ == "__main__":
+    main()
