@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -127,10 +128,87 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def build_model(cfg: ModelConfig, state: parallel.ParallelState, ds: DSSettings, seed: int):
+    """The model for this rank: a PipelineModule stage for PP > 1, else IGPTModel (under zero.Init for ZeRO-3).
+
+    Per-layer seeds make the weights independent of the layout (see ``IGPTModel(seed=...)``).
+    """
+    import deepspeed
+
+    torch.manual_seed(seed)
+    layout = state.layout
+    if layout.pipeline_parallel > 1:
+        from .pipeline import build_pipeline_module
+
+        return build_pipeline_module(cfg, state.tp_group, layout.pipeline_parallel, layout.tensor_parallel,
+                                     layout.data_parallel, seed=seed)
+    from .model import IGPTModel
+
+    init = deepspeed.zero.Init(data_parallel_group=state.dp_group, config_dict_or_path=ds.config,
+                               mpu=parallel.DeepSpeedMPU(state)) if ds.zero_stage == 3 else contextlib.nullcontext()
+    with init:
+        return IGPTModel(cfg, state.tp_group, seed=seed)
+
+
+def build_engine(module, state: parallel.ParallelState, ds: DSSettings, lr: float, schedule: WarmupCosine,
+                 adam_eps: float = 1e-8):
+    """Adam (betas 0.9, 0.95, no weight decay, as the paper) + LambdaLR(schedule) inside a DeepSpeed engine."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95), eps=adam_eps, weight_decay=0.0,
+                                 fused=torch.cuda.is_available() or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds.config,
+        mpu=None if state.layout.pipeline_parallel > 1 else parallel.DeepSpeedMPU(state))
+    return engine, scheduler
+
+
+def write_checkpoint(engine, directory: str, step: int, meta: dict, rank_state: dict) -> Path:
+    """Collective: DeepSpeed's files + this rank's state + (rank 0) ``igpt_meta.json``, then ``latest``.
+
+    ``latest`` is replaced atomically after a barrier, i.e. only once every rank has finished.
+    """
+    directory = Path(directory)
+    rank = dist.get_rank()
+    tag = f"global_step{step}"
+    tag_dir = directory / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tag_dir / f".trainer_state_rank{rank:05d}.pt.tmp"
+    torch.save({"step": step, **rank_state}, tmp)
+    os.replace(tmp, tag_dir / f"trainer_state_rank{rank:05d}.pt")
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, "model": meta["model"]},
+                           save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(tag_dir / META_FILE, json.dumps({**meta, "step": step}, indent=2, sort_keys=True) + "\n")
+        _atomic_write(directory / "latest", tag)  # only now does this checkpoint become the one to load
+    dist.barrier()
+    return tag_dir
+
+
+def checkpoint_meta(cfg: ModelConfig, ds: DSSettings, layout: parallel.ParallelLayout,
+                    palette_sha256: Optional[str], **extra) -> dict:
+    """What ``igpt_meta.json`` records: enough to rebuild the engine that wrote the checkpoint."""
+    return {"model": cfg.to_dict(), "objective": cfg.objective, "palette_sha256": palette_sha256,
+            "zero_stage": ds.zero_stage, "precision": ds.precision, "world_size": layout.world_size,
+            "tensor_parallel": layout.tensor_parallel, "pipeline_parallel": layout.pipeline_parallel,
+            "data_parallel": layout.data_parallel, "train_batch_size": ds.train_batch_size,
+            "ds_config": ds.config, **extra}
+
+
+def set_schedule_step(scheduler, step: int) -> None:
+    """Put a LambdaLR at ``step`` without replaying it (for checkpoints that carry no schedule state)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 class Trainer:
     def __init__(self, args: TrainArgs):
-        import deepspeed
-
         self.args = args
         overrides = {"objective": args.objective, "activation_checkpointing": args.activation_checkpointing}
         if args.resolution:
@@ -165,29 +243,14 @@ class Trainer:
         self.total_steps, self.warmup_steps = self._schedule_lengths()
 
         # 3. Model, optimizer, schedule, engine.
-        torch.manual_seed(args.seed)
-        if self.pipelined:
-            from .pipeline import build_pipeline_module
-
-            module = build_pipeline_module(cfg, self.state.tp_group, args.pipeline_parallel, args.tensor_parallel,
-                                           self.layout.data_parallel, seed=args.seed)
-        else:
-            from .model import IGPTModel
-
-            init = deepspeed.zero.Init(data_parallel_group=self.state.dp_group, config_dict_or_path=self.ds.config,
-                                       mpu=parallel.DeepSpeedMPU(self.state)) \
-                if self.ds.zero_stage == 3 else contextlib.nullcontext()
-            with init:
-                module = IGPTModel(cfg, self.state.tp_group, seed=args.seed)
+        module = build_model(cfg, self.state, self.ds, args.seed)
+        if not self.pipelined:
             module.check_inputs = args.train_data == ("synthetic",)  # the shard loader validates tokens
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.95), eps=args.adam_eps, weight_decay=0.0,
-                                     fused=self.device.type == "cuda" or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(self.warmup_steps, self.total_steps, args.min_lr_ratio, not args.no_decay))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds.config,
-            mpu=None if self.pipelined else parallel.DeepSpeedMPU(self.state))
+        schedule = WarmupCosine(self.warmup_steps, self.total_steps, args.min_lr_ratio, not args.no_decay)
+        self.engine, self.scheduler = build_engine(module, self.state, self.ds, args.lr, schedule, args.adam_eps)
+        if self.is_rank0 and args.save and args.palette:
+            Path(args.save).mkdir(parents=True, exist_ok=True)  # exports then carry the palette
+            shutil.copyfile(args.palette, Path(args.save) / "palette.npy")
         self.step = 0
         self.stop_signal = None
         self.metrics = MetricsWriter(args.save, enabled=self.is_rank0)
@@ -353,36 +416,24 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> str:
-        directory = Path(self.args.save)
-        tag = f"global_step{self.step}"
-        tag_dir = directory / tag
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        rank_state = {"step": self.step, "rng": _rng_state(),
+        meta = checkpoint_meta(self.cfg, self.ds, self.layout, self.palette_sha256)
+        rank_state = {"rng": _rng_state(),
                       "loader": self.train_loader.state_dict() if self.train_loader is not None else None}
-        tmp = tag_dir / f".trainer_state_rank{self.rank:05d}.pt.tmp"
-        torch.save(rank_state, tmp)
-        os.replace(tmp, tag_dir / f"trainer_state_rank{self.rank:05d}.pt")
-        client = {"step": self.step, "model": self.cfg.to_dict(), "palette_sha256": self.palette_sha256}
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
-        dist.barrier()
-        if self.is_rank0:
-            meta = {"model": self.cfg.to_dict(), "objective": self.cfg.objective, "step": self.step,
-                    "palette_sha256": self.palette_sha256, "zero_stage": self.ds.zero_stage,
-                    "precision": self.ds.precision, "world_size": self.layout.world_size,
-                    "tensor_parallel": self.layout.tensor_parallel,
-                    "pipeline_parallel": self.layout.pipeline_parallel,
-                    "data_parallel": self.layout.data_parallel, "train_batch_size": self.ds.train_batch_size}
-            _atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            _atomic_write(directory / "latest", tag)  # only now does this checkpoint become the one to load
-        dist.barrier()
-        return str(tag_dir)
+        return str(write_checkpoint(self.engine, self.args.save, self.step, meta, rank_state))
 
     def load(self, directory: str) -> None:
         tag, meta = read_checkpoint_meta(directory)
-        path, client = self.engine.load_checkpoint(directory, tag=tag)
+        restarted = bool(meta.get("optimizer_restarted"))  # written by tools/convert_checkpoint.py --to deepspeed
+        path, client = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=not restarted,
+                                                   load_lr_scheduler_states=not restarted)
         if path is None:
             raise FileNotFoundError(f"{directory}/{tag}: DeepSpeed found no loadable checkpoint files")
         self.step = int(client["step"]) if client else int(meta["step"])
+        if restarted:
+            set_schedule_step(self.scheduler, self.step)
+            if self.is_rank0:
+                print(f"{directory}/{tag} was converted from another layout: weights loaded, Adam state restarts "
+                      f"at step {self.step}", flush=True)
         state_file = Path(directory) / tag / f"trainer_state_rank{self.rank:05d}.pt"
         if state_file.is_file():
             state = torch.load(state_file, weights_only=True)
@@ -390,7 +441,7 @@ class Trainer:
             if self.train_loader is not None and state["loader"] is not None:
                 self.train_loader.load_state_dict(state["loader"])
         elif self.is_rank0:
-            print(f"warning: {state_file} missing (different world size?): data restarts its epoch, RNG reseeded")
+            print(f"note: {state_file} missing (checkpoint of another layout): the data restarts its epoch")
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
