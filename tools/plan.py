@@ -13,6 +13,9 @@ Check one layout (DP x TP x PP = number of GPUs):
 List the layouts that fit on some GPUs, best first:
     python tools/plan.py --model igpt-xl --micro-batch 8 --precision bf16 --gpus 8 --gpu-memory 80
 
+Check the prediction against one real training step (fp32, one device; cuda on a GPU):
+    python tools/plan.py --model igpt-tiny --micro-batch 2 --precision fp32 --measure cpu
+
 A custom size, machine-readable:
     python tools/plan.py --layers 12 --width 768 --heads 12 --resolution 32 --gpus 4 --gpu-memory 24 --json
 
@@ -62,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dp", type=int, help="data-parallel size")
     h.add_argument("--tp", type=int, help="tensor-parallel size")
     h.add_argument("--pp", type=int, help="pipeline-parallel size")
+    p.add_argument("--measure", metavar="DEVICE", choices=["cpu", "cuda"],
+                   help="also run one real training step (TP=1, fp32, Adam) on this device and compare the "
+                        "measured peak with the prediction")
     p.add_argument("--top", type=int, default=10, help="how many fitting layouts to list (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
@@ -95,12 +101,14 @@ def main(argv=None) -> int:
 def run(args) -> int:
     cfg = model_from_args(args)
     layout_given = any(v is not None for v in (args.dp, args.tp, args.pp))
-    if not layout_given and args.gpus is None:
+    if not layout_given and args.gpus is None and not args.measure:
         raise ValueError("give a layout (--dp --tp --pp, with --zero) or --gpus N to list the layouts that fit")
     base = PlanInput(model=cfg, micro_batch=args.micro_batch, precision=args.precision,
                      zero_stage=args.zero or 0, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node,
                      attention=args.attention, grad_accum=args.grad_accum,
                      activation_checkpointing=args.activation_checkpointing)
+    if args.measure:
+        return measure(args, base)
     if layout_given:
         return check_layout(args, base)
     return list_layouts(args, base)
@@ -136,6 +144,30 @@ def _fitting_hint(base: PlanInput, gpus: int) -> str:
     if not fits:
         return ""
     return f". On {gpus} GPUs these fit: " + "; ".join(p.describe() for p in fits[:3])
+
+
+def measure(args, base: PlanInput) -> int:
+    """Predicted vs measured peak of one training step on one device (the planner-accuracy check)."""
+    from igpt_ds.memory import measure_train_step
+
+    if base.precision != "fp32":
+        raise ValueError("--measure runs an fp32 step (plain torch Adam): add --precision fp32")
+    predicted = plan(dataclasses.replace(base, layout=ParallelLayout(1, 1, 1), zero_stage=0))
+    measured = measure_train_step(base.model, base.micro_batch, base.activation_checkpointing, device=args.measure,
+                                  attention=base.attention)
+    error = predicted.total / measured["peak"] - 1
+    result = {"device": args.measure, "model": base.model.name, "micro_batch": base.micro_batch,
+              "activation_checkpointing": base.activation_checkpointing, "attention": base.attention,
+              "predicted_bytes": predicted.total, "measured_peak_bytes": measured["peak"],
+              "measured": measured, "relative_error": error}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        mib = 2 ** 20
+        print(f"{base.model.name} micro-batch {base.micro_batch} fp32 {base.attention} attention"
+              f"{' +ckpt' if base.activation_checkpointing else ''} on {args.measure}: predicted "
+              f"{predicted.total / mib:.2f} MiB, measured peak {measured['peak'] / mib:.2f} MiB, error {error:+.1%}")
+    return 0
 
 
 def list_layouts(args, base: PlanInput) -> int:
