@@ -56,7 +56,7 @@ activations), an upper bound: in backward, gradients grow while activations are 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .config import ModelConfig
