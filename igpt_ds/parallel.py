@@ -105,9 +105,9 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        # DeepSpeed reads these even in one process (zero.Init: LOCAL_RANK).
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+        # zero.Init reads LOCAL_RANK even in one process. Not RANK/WORLD_SIZE: child processes
+        # inheriting those would believe they were started by a launcher.
+        os.environ.setdefault("LOCAL_RANK", "0")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 

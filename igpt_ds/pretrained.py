@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from . import checkpoint, hf
+from . import checkpoint, ds_checkpoint, hf
 from .config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
@@ -35,8 +35,9 @@ class Format:
     looks_for: str
 
 
-def _write_consolidated(path, config, state_dict, palette=None, dtype=torch.float32):
-    return checkpoint.save_consolidated(path, config, state_dict, palette=palette, dtype=dtype)
+def _write_consolidated(path, config, state_dict, palette=None, dtype=torch.float32, step=None, source=None, **_):
+    extra = {k: v for k, v in (("step", step), ("converted_from", source)) if v is not None}
+    return checkpoint.save_consolidated(path, config, state_dict, palette=palette, dtype=dtype, extra=extra)
 
 
 FORMATS: list[Format] = [
@@ -45,6 +46,10 @@ FORMATS: list[Format] = [
     Format("hf", hf.is_hf_imagegpt, hf.load_hf, hf.save_hf,
            'a Hugging Face ImageGPT directory: config.json with "model_type": "imagegpt" and '
            'model.safetensors, model.safetensors.index.json or pytorch_model.bin'),
+    Format("deepspeed", ds_checkpoint.is_deepspeed_checkpoint, ds_checkpoint.load_deepspeed,
+           ds_checkpoint.save_deepspeed,
+           "an iGPT-DS DeepSpeed checkpoint of any DP/TP/PP/ZeRO layout: 'latest' and global_stepN/igpt_meta.json "
+           "(igpt_ds/pretrain.py --save DIR); it is consolidated on load"),
 ]
 
 
@@ -118,9 +123,20 @@ def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu"
     return config, sd, palette, fmt
 
 
+def training_step(path: PathLike) -> int:
+    """The optimizer step a checkpoint was taken at (DeepSpeed meta or a consolidated export's), else 0."""
+    found = ds_checkpoint.find_checkpoint(path)
+    if found is not None:
+        return int(found[2].get("step", 0))
+    if checkpoint.is_consolidated(path):
+        return int(checkpoint.read_consolidated_config(path).get("step", 0))
+    return 0
+
+
 def load_pretrained(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[torch.dtype] = None):
-    """``(model, config, palette)`` from a consolidated export or a Hugging Face ImageGPT directory.
+    """``(model, config, palette)`` from a consolidated export, a Hugging Face ImageGPT directory or a
+    DeepSpeed checkpoint of any layout (consolidated on load by re-creating its ranks on the CPU).
 
     Runs in a plain Python process (no launcher; TP = 1). The model is in eval mode on ``device``
     (fp32 unless ``dtype`` is given): ``model(tokens)`` gives next-pixel logits ``[b, s, 512]``
@@ -138,9 +154,13 @@ def load_pretrained(path: PathLike, device: Union[str, torch.device] = "cpu",
 
 
 def write_checkpoint(path: PathLike, to: str, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                     palette: Optional[np.ndarray] = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``state_dict`` in format ``to`` (atomically: a temporary directory, then a rename)."""
+                     palette: Optional[np.ndarray] = None, dtype: torch.dtype = torch.float32, **options) -> Path:
+    """Write ``state_dict`` in format ``to`` (atomically: a temporary directory, then a rename).
+
+    ``options`` go to the format's writer (``deepspeed``: tensor_parallel, pipeline_parallel,
+    data_parallel, ds_config, step, source).
+    """
     fmt = get_format(to)
     if fmt.write is None:
         raise ValueError(f"writing format {to!r} is not supported yet")
-    return fmt.write(path, config, state_dict, palette=palette, dtype=dtype)
+    return fmt.write(path, config, state_dict, palette=palette, dtype=dtype, **options)

@@ -424,8 +424,8 @@ class Trainer:
     def load(self, directory: str) -> None:
         tag, meta = read_checkpoint_meta(directory)
         restarted = bool(meta.get("optimizer_restarted"))  # written by tools/convert_checkpoint.py --to deepspeed
-        path, client = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=not restarted,
-                                                   load_lr_scheduler_states=not restarted)
+        # A converted checkpoint holds a fresh Adam state built around its weights, but no schedule.
+        path, client = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=not restarted)
         if path is None:
             raise FileNotFoundError(f"{directory}/{tag}: DeepSpeed found no loadable checkpoint files")
         self.step = int(client["step"]) if client else int(meta["step"])
@@ -437,11 +437,12 @@ class Trainer:
         state_file = Path(directory) / tag / f"trainer_state_rank{self.rank:05d}.pt"
         if state_file.is_file():
             state = torch.load(state_file, weights_only=True)
-            _set_rng_state(state["rng"])
+            if state["rng"] is not None:
+                _set_rng_state(state["rng"])
             if self.train_loader is not None and state["loader"] is not None:
                 self.train_loader.load_state_dict(state["loader"])
-        elif self.is_rank0:
-            print(f"note: {state_file} missing (checkpoint of another layout): the data restarts its epoch")
+        if (not state_file.is_file() or state["loader"] is None) and self.is_rank0:
+            print(f"note: {directory}/{tag} holds no data position for this layout: the data restarts its epoch")
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame):

@@ -153,4 +153,4 @@ def test_convert_refuses_existing_output_and_unrepresentable_models(tmp_path, ca
 def test_convert_help_runs_as_a_script():
     out = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "--to {consolidated,hf}" in out.stdout and "Examples" in out.stdout
+    assert out.returncode == 0 and "--to {consolidated,hf,deepspeed}" in out.stdout and "Examples" in out.stdout
