@@ -208,13 +208,15 @@ def dequantize(tokens, palette: np.ndarray, side: Optional[int] = None) -> np.nd
 
 
 def fit_palette(pixels, clusters: int = NUM_COLORS, seed: int = 0, *, iters: int = 30,
-                tol: float = 1e-5, device: Device = None, chunk_pixels: Optional[int] = None) -> np.ndarray:
+                tol: float = 1e-5, device: Device = None, chunk_pixels: Optional[int] = None,
+                cpu_threads: Optional[int] = 1) -> np.ndarray:
     """k-means palette of uint8 RGB ``pixels`` (P, 3): float32 (clusters, 3) in [-1, 1].
 
     k-means++ initialisation, then Lloyd iterations until the largest centre move is below
     ``tol`` or ``iters`` is reached. Deterministic for a seed on a given device (a seeded
     torch.Generator drives every random choice). An empty cluster is re-seeded at the point
-    farthest from its centre, so every one of ``clusters`` colours is used.
+    farthest from its centre, so every one of ``clusters`` colours is used. ``cpu_threads`` as
+    in :func:`quantize` (one thread also keeps CPU sums in a fixed order).
     """
     pixels = torch.as_tensor(np.asarray(pixels) if not isinstance(pixels, torch.Tensor) else pixels)
     if pixels.dtype != torch.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3:
@@ -226,9 +228,9 @@ def fit_palette(pixels, clusters: int = NUM_COLORS, seed: int = 0, *, iters: int
     dev = _device(device)
     chunk_pixels = chunk_pixels or (1 << 20 if dev.type == "cuda" else 1 << 12)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    points = torch.from_numpy(_LEVELS)[pixels.long()].to(dev)  # (P, 3) in [-1, 1]
-    centres = _kmeans_pp(points, clusters, gen, chunk_pixels)
-    with _full_fp32_matmul():
+    with _full_fp32_matmul(), _cpu_threads(cpu_threads if dev.type == "cpu" else None):
+        points = torch.from_numpy(_LEVELS)[pixels.long()].to(dev)  # (P, 3) in [-1, 1]
+        centres = _kmeans_pp(points, clusters, gen, chunk_pixels)
         for _ in range(iters):
             assign, dist = _assign(points, centres, chunk_pixels)
             sums = torch.zeros_like(centres).index_add_(0, assign, points)
