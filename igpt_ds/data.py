@@ -367,7 +367,12 @@ class TokenLoader:
                 "num_samples": self.num_samples}
 
     def state_dict(self) -> dict:
-        """Position (epoch, batches yielded in it) and what the plan depends on."""
+        """Position (epoch, batches yielded in it) and what the plan depends on.
+
+        Every DP rank is at the same position (they yield equal batch counts), so one rank's copy,
+        e.g. the client state DeepSpeed stores with rank 0's checkpoint, restores all of them;
+        ``dp_rank`` is recorded for information only.
+        """
         return {"version": 1, "epoch": self.epoch, "batch": self.batch, "dp_rank": self.dp_rank, **self._fixed()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -26,26 +26,33 @@ def load_images(source: ImageSource, count: int = 0, resolution: int = 32) -> np
 
 
 def compare_quantizers(images: np.ndarray, palette: np.ndarray, device: Optional[str] = None,
-                       hf_batch: int = 256) -> dict:
-    """Time our :func:`quantize` and HF's ImageGPTImageProcessorPil on the same images; tokens must match."""
+                       rounds: int = 5, cpu_threads: Optional[int] = 1) -> dict:
+    """Time our :func:`quantize` and HF's ImageGPTImageProcessorPil on the same images; tokens must match.
+
+    The images are split into ``rounds`` parts, each timed with ours then HF's, so that both see
+    the same machine load when other jobs share it.
+    """
     from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
-    quantize(images[:8], palette, device=device)  # warm-up (allocator, kernels)
-    start = time.perf_counter()
-    ours = quantize(images, palette, device=device)
-    ours_s = time.perf_counter() - start
-
     processor = ImageGPTImageProcessorPil(clusters=palette, do_resize=False)  # images are already at size
+    quantize(images[:8], palette, device=device, cpu_threads=cpu_threads)  # warm-up
     processor(list(images[:8]), return_tensors=None)
-    start = time.perf_counter()
-    hf = np.concatenate([np.stack(processor(list(images[i:i + hf_batch]), return_tensors=None)["input_ids"])
-                         for i in range(0, len(images), hf_batch)])
-    hf_s = time.perf_counter() - start
-    mismatches = int((hf != ours).sum())
+    ours_s = hf_s = 0.0
+    mismatches = 0
+    for part in np.array_split(np.arange(len(images)), rounds):
+        batch = images[part]
+        start = time.perf_counter()
+        ours = quantize(batch, palette, device=device, cpu_threads=cpu_threads)
+        ours_s += time.perf_counter() - start
+        start = time.perf_counter()
+        hf = np.stack(processor(list(batch), return_tensors=None)["input_ids"])
+        hf_s += time.perf_counter() - start
+        mismatches += int((hf != ours).sum())
+    tokens = images.shape[0] * images.shape[1] * images.shape[2]
     if mismatches:
-        raise AssertionError(f"quantize differs from HF ImageGPTImageProcessor on {mismatches} of {hf.size} tokens")
+        raise AssertionError(f"quantize differs from HF ImageGPTImageProcessor on {mismatches} of {tokens} tokens")
     return {"images": len(images), "ours_images_per_s": len(images) / ours_s,
-            "hf_images_per_s": len(images) / hf_s, "speedup": hf_s / ours_s, "identical_tokens": hf.size}
+            "hf_images_per_s": len(images) / hf_s, "speedup": hf_s / ours_s, "identical_tokens": tokens}
 
 
 def loader_throughput(images: np.ndarray, labels: np.ndarray, palette: np.ndarray, *, batch_size: int = 64,

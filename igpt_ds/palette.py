@@ -119,15 +119,21 @@ def _centres_sq(centres: torch.Tensor) -> torch.Tensor:
     return (centres[:, 0] * centres[:, 0] + centres[:, 1] * centres[:, 1]) + centres[:, 2] * centres[:, 2]
 
 
-def quantize(images, palette: np.ndarray, *, device: Device = None,
-             chunk_pixels: Optional[int] = None) -> Union[np.ndarray, torch.Tensor]:
+def quantize(images, palette: np.ndarray, *, device: Device = None, chunk_pixels: Optional[int] = None,
+             cpu_threads: Optional[int] = 1) -> Union[np.ndarray, torch.Tensor]:
     """Tokens of uint8 RGB images: (N, H, W, 3) -> int64 (N, H*W), raster order.
 
     ``images`` may be a numpy array (the result is a numpy array) or a torch tensor (the result
     is a tensor on ``images``' device). ``device`` picks where the arithmetic runs: ``None``
     means CUDA when available, else CPU. Work is done ``chunk_pixels`` pixels at a time, so
-    memory stays bounded (chunk_pixels x K x 4 bytes for the distance block). The default,
-    4096 on CPU (the block stays in cache: ~3x faster than 64K here) and 1M on GPU, is fast.
+    memory stays bounded (chunk_pixels x K x 4 bytes for the distance block, plus a few bytes
+    per input pixel for the distinct-colour index). The default, 4096 on CPU (the block stays
+    in cache: ~3x faster than 64K here) and 1M on GPU, is fast.
+
+    ``cpu_threads``: torch threads for the call on CPU (restored afterwards; None keeps torch's
+    setting). Default 1: the blocks are too small for intra-op threads to pay, and on a busy
+    machine they stall each other (2 threads ran 10x slower than 1 on a loaded 2-core host).
+    Scale out with processes instead (``build_shards.py --workers``).
     """
     as_numpy = not isinstance(images, torch.Tensor)
     tensor = torch.from_numpy(np.ascontiguousarray(images)) if as_numpy else images
@@ -140,17 +146,36 @@ def quantize(images, palette: np.ndarray, *, device: Device = None,
     centres = torch.from_numpy(_check_palette(palette, "quantize", None)).to(dev)
     centres_sq = _centres_sq(centres)
     levels = torch.from_numpy(_LEVELS).to(dev)
-    flat = tensor.reshape(-1, 3)
-    out = torch.empty(flat.shape[0], dtype=torch.int64, device=dev)
     # TF32 would round the matmul inputs to 10 bits and change tokens; force full fp32.
-    with _full_fp32_matmul():
-        for start in range(0, flat.shape[0], chunk_pixels):
-            pixels = flat[start:start + chunk_pixels].to(dev, non_blocking=True)
-            out[start:start + chunk_pixels] = _nearest(levels[pixels.long()], centres, centres_sq)
-    out = out.reshape(n, h * w)
+    with _full_fp32_matmul(), _cpu_threads(cpu_threads if dev.type == "cpu" else None):
+        # A token depends only on the colour: compute it once per distinct colour (natural images
+        # repeat colours: 5.2M CIFAR pixels hold 1.7M colours), then scatter back.
+        rgb = tensor.reshape(-1, 3).to(dev).int()
+        colours, inverse = torch.unique((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2], return_inverse=True)
+        del rgb
+        tokens = torch.empty(colours.shape[0], dtype=torch.int64, device=dev)
+        for start in range(0, colours.shape[0], chunk_pixels):
+            code = colours[start:start + chunk_pixels]
+            pixels = torch.stack([code >> 16, (code >> 8) & 255, code & 255], dim=1)
+            tokens[start:start + chunk_pixels] = _nearest(levels[pixels], centres, centres_sq)
+        out = tokens[inverse].reshape(n, h * w)
     if as_numpy:
         return out.cpu().numpy()
     return out.to(images.device)
+
+
+class _cpu_threads:
+    def __init__(self, threads: Optional[int]):
+        self.threads = threads
+
+    def __enter__(self):
+        self._saved = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc):
+        if self.threads:
+            torch.set_num_threads(self._saved)
 
 
 class _full_fp32_matmul:
@@ -183,13 +208,15 @@ def dequantize(tokens, palette: np.ndarray, side: Optional[int] = None) -> np.nd
 
 
 def fit_palette(pixels, clusters: int = NUM_COLORS, seed: int = 0, *, iters: int = 30,
-                tol: float = 1e-5, device: Device = None, chunk_pixels: Optional[int] = None) -> np.ndarray:
+                tol: float = 1e-5, device: Device = None, chunk_pixels: Optional[int] = None,
+                cpu_threads: Optional[int] = 1) -> np.ndarray:
     """k-means palette of uint8 RGB ``pixels`` (P, 3): float32 (clusters, 3) in [-1, 1].
 
     k-means++ initialisation, then Lloyd iterations until the largest centre move is below
     ``tol`` or ``iters`` is reached. Deterministic for a seed on a given device (a seeded
     torch.Generator drives every random choice). An empty cluster is re-seeded at the point
-    farthest from its centre, so every one of ``clusters`` colours is used.
+    farthest from its centre, so every one of ``clusters`` colours is used. ``cpu_threads`` as
+    in :func:`quantize` (one thread also keeps CPU sums in a fixed order).
     """
     pixels = torch.as_tensor(np.asarray(pixels) if not isinstance(pixels, torch.Tensor) else pixels)
     if pixels.dtype != torch.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3:
@@ -201,9 +228,9 @@ def fit_palette(pixels, clusters: int = NUM_COLORS, seed: int = 0, *, iters: int
     dev = _device(device)
     chunk_pixels = chunk_pixels or (1 << 20 if dev.type == "cuda" else 1 << 12)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    points = torch.from_numpy(_LEVELS)[pixels.long()].to(dev)  # (P, 3) in [-1, 1]
-    centres = _kmeans_pp(points, clusters, gen, chunk_pixels)
-    with _full_fp32_matmul():
+    with _full_fp32_matmul(), _cpu_threads(cpu_threads if dev.type == "cpu" else None):
+        points = torch.from_numpy(_LEVELS)[pixels.long()].to(dev)  # (P, 3) in [-1, 1]
+        centres = _kmeans_pp(points, clusters, gen, chunk_pixels)
         for _ in range(iters):
             assign, dist = _assign(points, centres, chunk_pixels)
             sums = torch.zeros_like(centres).index_add_(0, assign, points)

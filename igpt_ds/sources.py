@@ -363,12 +363,12 @@ def sample_pixels(source: ImageSource, count: int, seed: int = 0, *, per_image: 
     if exclude_images < len(order):
         order = order[exclude_images:]
     chunks, have = [], 0
-    for position, index in enumerate(np.resize(order, max(len(order), 1) * 64)):  # wrap if short
+    for index in np.resize(order, len(order) * 64):  # a small source is visited again
         if have >= count:
             break
         image = source[int(index)][0].reshape(-1, 3)
         take = min(per_image, count - have, len(image))
-        chunks.append(image[rng.choice(len(image), take, replace=take > len(image))])
+        chunks.append(image[rng.choice(len(image), take, replace=False)])
         have += take
     return np.concatenate(chunks) if chunks else np.zeros((0, 3), np.uint8)
 

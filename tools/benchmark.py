@@ -68,7 +68,7 @@ def run_data(args) -> str:
         palette = fit_palette(sample_pixels(source, 100_000, seed=0), 512, seed=0, iters=10)
         palette_note = "512-colour k-means fitted on 100,000 pixels of the source (seed 0, 10 iterations)"
     print(f"{len(images)} images of {source.name} at {args.resolution}x{args.resolution}; palette: {palette_note}")
-    q = compare_quantizers(images, palette, device=args.device)
+    q = compare_quantizers(images, palette, device=args.device, cpu_threads=args.threads or None)
     print(f"quantize: ours {q['ours_images_per_s']:,.0f} images/s, HF {q['hf_images_per_s']:,.0f} images/s, "
           f"speed-up {q['speedup']:.1f}x, {q['identical_tokens']:,} tokens identical")
     io = loader_throughput(images, labels, palette, batch_size=args.batch_size, num_workers=args.workers,
@@ -85,20 +85,22 @@ def run_data(args) -> str:
 - Machine: {machine()}
 - Versions: {versions()}
 - Command: `{cmd}`
+- Quantizers timed in 5 interleaved rounds (ours, then HF, on the same fifth of the images)
 - Images: {len(images)} of `{source.name}` at {args.resolution}x{args.resolution}; palette: {palette_note}
+- Load average when it finished (other jobs share the machine): {os.getloadavg()[0]:.1f}
 
 | measurement | result |
 |---|---|
-| `igpt_ds.palette.quantize` ({args.device or 'auto'} device) | {q['ours_images_per_s']:,.0f} images/s |
+| `igpt_ds.palette.quantize` ({args.device or 'auto'} device, {args.threads or 'default'} torch thread(s)) | {q['ours_images_per_s']:,.0f} images/s |
 | HF `ImageGPTImageProcessorPil` (same images, same palette, `do_resize=False`) | {q['hf_images_per_s']:,.0f} images/s |
 | speed-up | **{q['speedup']:.1f}x** (tokens identical: {q['identical_tokens']:,} of {q['identical_tokens']:,}) |
 | loader, {io['num_workers']} workers, batch {io['batch_size']}, 1 DP rank | **{io['samples_per_s']:,.0f} samples/s** ({io['samples']:,} samples, {io['epochs']} epochs, worker start-up included) |
 
 What one H100 consumes, igpt-l at MR 32² (`get_preset('igpt-l').train_flops_per_token()`, 6N + 12·L·d·T):
-{gpu['flops_per_token'] / 1e9:.2f} GFLOP/token × {gpu['seq_len']} tokens = {gpu['flops_per_sample'] / 1e12:.2f} TFLOP per
-sample; 989 TFLOP/s bf16 dense peak × 50% MFU = 494.5 TFLOP/s, so **{gpu['samples_per_s']:.1f} samples/s per
-GPU**. The measured loader rate is {io['samples_per_s'] / gpu['samples_per_s']:,.0f}× that with 2 CPU workers
-(each DP rank runs its own loader, so the margin holds per GPU at any DP size).
+{gpu['flops_per_token'] / 1e9:.2f} GFLOP/token × {gpu['seq_len']} tokens = {gpu['flops_per_sample'] / 1e12:.2f} TFLOP per sample;
+989 TFLOP/s bf16 dense peak × 50% MFU = 494.5 TFLOP/s, so **{gpu['samples_per_s']:.1f} samples/s per GPU**.
+The measured loader rate is {io['samples_per_s'] / gpu['samples_per_s']:,.0f}× that with 2 CPU workers (each DP rank runs its own
+loader, so the margin holds per GPU at any DP size).
 """
 
 
@@ -118,6 +120,8 @@ def main(argv=None):
     data.add_argument("--resolution", type=int, default=32)
     data.add_argument("--palette", help="palette.npy (default: fit one on the source)")
     data.add_argument("--device", default=None, help="where our quantizer runs (default: cuda if available)")
+    data.add_argument("--threads", type=int, default=1, help="torch threads for our quantizer on CPU "
+                      "(default: 1, quantize's default; 0 = torch's setting)")
     data.add_argument("--workers", type=int, default=2, help="loader workers (default: 2)")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--loader-samples", type=int, default=50_000, help="samples to read, in whole epochs")

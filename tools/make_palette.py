@@ -53,4 +53,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # our errors name the file and the fix
+        sys.exit(f"make_palette.py: error: {e}")
