@@ -43,10 +43,13 @@ def _rank_main(fn, rank, world, port, args, env, queue):
     except BaseException:  # report everything, including SystemExit from argparse
         queue.put((rank, False, traceback.format_exc()))
     finally:
-        from . import parallel
-
         try:
-            parallel.destroy()
+            if "megatron.core" in sys.modules:  # importing megatron-core just to tear down costs seconds
+                from . import parallel
+
+                parallel.destroy()
+            elif dist.is_initialized():
+                dist.destroy_process_group()
         except Exception:
             pass
 
@@ -62,7 +65,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 3
     queue = ctx.SimpleQueue()
     port = free_port()
     env = {k: str(v) for k, v in (env or {}).items()}
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, env, queue), daemon=True)
+    # Not daemonic: a rank may start DataLoader workers. Every rank is killed below on failure or timeout.
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, env, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()
