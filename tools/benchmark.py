@@ -2,6 +2,12 @@
 """Benchmarks, one sub-command per target; results are printed and written to BENCHMARKS.md.
 
     python tools/benchmark.py data --data cifar-10-batches-py
+    python tools/benchmark.py model --model igpt-tiny --resolution 32 --deepspeed_config ds_configs/zero0_fp32.json
+    deepspeed --num_gpus 8 tools/benchmark.py model --model igpt-l --deepspeed_config ds_configs/zero3_bf16.json
+
+model: train-step throughput of a preset and layout through the real trainer (tokens/s, TFLOP/s
+per device, MFU, peak memory; median after warm-up). On CPU it also trains Hugging Face's
+ImageGPTForCausalImageModeling of the same size on the same batches and prints the ratio.
 
 data: our quantizer against Hugging Face's ImageGPTImageProcessor on the same images and palette
 (tokens must be identical), and the shard loader's samples/s with 2 workers, next to the
@@ -104,7 +110,56 @@ loader, so the margin holds per GPU at any DP size).
 """
 
 
-TARGETS = {"data": run_data}  # the model target joins here
+def run_model(args) -> str:
+    import torch
+
+    from igpt_ds.model_benchmark import hugging_face, ours
+
+    r = ours(args.model, args.resolution, args.deepspeed_config, args.steps, args.warmup, args.tensor_parallel,
+             args.pipeline_parallel, args.activation_checkpointing, args.peak_tflops)
+    if not r["is_rank0"]:
+        return ""
+    cfg, ds, layout = r["config"], r["ds"], r["layout"]
+    shape = (f"{cfg.name} ({cfg.num_parameters() / 1e6:.1f}M), MR {cfg.resolution}^2 = {cfg.seq_len} tokens, "
+             f"global batch {ds.train_batch_size} (micro {ds.micro_batch_size} x accumulation "
+             f"{ds.gradient_accumulation_steps}), {ds.precision}, ZeRO-{ds.zero_stage}, "
+             f"DP {layout.data_parallel} x TP {layout.tensor_parallel} x PP {layout.pipeline_parallel}"
+             f"{', activation checkpointing' if args.activation_checkpointing else ''}")
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak FLOP/s known for this device; --peak-tflops)"
+    print(f"{shape}\nours: {r['tokens_per_s']:,.0f} tokens/s, {r['step_time_s']:.3f} s/step, "
+          f"{r['tflops']:.3f} TFLOP/s per device, MFU {mfu}, peak memory {r['peak_mem_gb']:.2f} GiB")
+    rows = [f"| iGPT-DS `Trainer` (DeepSpeed engine) | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tflops']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} |"]
+    ratio_line = ""
+    if not torch.cuda.is_available() and layout.world_size == 1 and not args.no_reference:
+        if ds.precision != "fp32" or ds.gradient_accumulation_steps != 1:
+            raise SystemExit("the Hugging Face comparison needs an fp32 config without gradient accumulation")
+        h = hugging_face(cfg, ds.micro_batch_size, args.steps, args.warmup)
+        ratio = h["step_time_s"] / r["step_time_s"]
+        flops = cfg.train_flops_per_token() * h["tokens_per_s"] / 1e12
+        print(f"Hugging Face ImageGPTForCausalImageModeling, same size and batches: {h['tokens_per_s']:,.0f} "
+              f"tokens/s, {h['step_time_s']:.3f} s/step -> ours is {ratio:.2f}x faster")
+        rows.append(f"| HF `ImageGPTForCausalImageModeling` + torch Adam | {h['step_time_s']:.3f} | "
+                    f"{h['tokens_per_s']:,.0f} | {flops:.3f} | | |")
+        ratio_line = f"\nSpeed-up of ours over Hugging Face in the same run: **{ratio:.2f}x** (target: >= 2x at 1024 tokens).\n"
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    return f"""## model: train-step throughput ({cfg.name}, MR {cfg.resolution}^2, {ds.precision}, {platform.machine()})
+
+- Date: {datetime.date.today().isoformat()}
+- Machine: {machine()}
+- Versions: {versions()}, deepspeed {__import__('deepspeed').__version__}
+- Command: `{cmd}`
+- Setup: {shape}; synthetic token images; median of {r['steps']} timed steps after {args.warmup} warm-up steps
+- FLOPs per token: 6N + 12·L·d·T = {cfg.train_flops_per_token() / 1e6:,.1f} MFLOP (no recompute counted)
+- Load average when it finished (other jobs share the machine): {os.getloadavg()[0]:.1f}
+
+| implementation | s/step | tokens/s | TFLOP/s per device | MFU | peak memory (GiB) |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+{ratio_line}"""
+
+
+TARGETS = {"data": run_data, "model": run_model}
 
 
 def main(argv=None):
@@ -125,8 +180,24 @@ def main(argv=None):
     data.add_argument("--workers", type=int, default=2, help="loader workers (default: 2)")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--loader-samples", type=int, default=50_000, help="samples to read, in whole epochs")
+    model = sub.add_parser("model", help="train-step tokens/s, TFLOP/s, MFU, memory (+ HF ratio on CPU)")
+    model.add_argument("--model", default="igpt-tiny", help="preset (default igpt-tiny)")
+    model.add_argument("--resolution", type=int, default=32, help="model resolution side (default 32)")
+    model.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                       default=os.path.join(REPO, "ds_configs", "zero0_fp32.json"),
+                       help="batch size, precision, ZeRO stage (default ds_configs/zero0_fp32.json)")
+    model.add_argument("--tensor-parallel", type=int, default=1)
+    model.add_argument("--pipeline-parallel", type=int, default=1)
+    model.add_argument("--activation-checkpointing", action="store_true")
+    model.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    model.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    model.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: looked up by name)")
+    model.add_argument("--no-reference", action="store_true", help="skip the Hugging Face comparison on CPU")
+    model.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     text = TARGETS[args.target](args)
+    if not text:  # ranks other than 0
+        return
     if not args.no_write:
         write_section(args.markdown, args.target, text)
         print(f"wrote the {args.target} section of {args.markdown}")
