@@ -64,6 +64,8 @@ def parse_args(argv=None):
     c.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: all)")
     c.add_argument("--log-interval", type=int, default=1, help="write metrics every N steps")
     c.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: looked up by name)")
+    c.add_argument("--max-minutes", type=float, help="wall-clock budget: save a checkpoint and stop when it is "
+                   "spent (the schedule is not shortened)")
     c.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p.parse_args(argv)
 
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
         min_lr_ratio=args.min_lr_ratio, no_decay=args.no_decay, adam_eps=args.adam_eps, save=args.save,
         save_interval=args.save_interval, load=args.load, seed=args.seed, eval_interval=args.eval_interval,
         eval_batches=args.eval_batches, log_interval=args.log_interval, num_workers=args.num_workers,
-        shuffle_buffer=args.shuffle_buffer, peak_tflops=args.peak_tflops, progress=not args.no_progress)
+        shuffle_buffer=args.shuffle_buffer, peak_tflops=args.peak_tflops, max_minutes=args.max_minutes,
+        progress=not args.no_progress)
     try:
         trainer = Trainer(targs)
     except (ValueError, FileNotFoundError) as e:  # bad flags, config, layout, data: one clear line

@@ -75,6 +75,7 @@ class TrainArgs:
     num_workers: int = 2
     shuffle_buffer: int = 2000
     peak_tflops: Optional[float] = None
+    max_minutes: Optional[float] = None
     progress: bool = True
 
 
@@ -449,6 +450,10 @@ class Trainer:
         self.stop_signal = signum
 
     def _should_stop(self) -> bool:
+        out_of_time = self.args.max_minutes is not None and \
+            time.monotonic() - self.started > 60 * self.args.max_minutes
+        if out_of_time and self.stop_signal is None:
+            self.stop_signal = "time"
         flag = torch.tensor([1 if self.stop_signal is not None else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
@@ -457,6 +462,7 @@ class Trainer:
         args = self.args
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        self.started = time.monotonic()
         it = self._batches(self.train_loader) if self.reads_data else None
         bar = None
         if self.is_rank0 and args.progress:
@@ -513,8 +519,9 @@ class Trainer:
                 self.save()
             if stop:
                 if self.is_rank0:
-                    print(f"received signal {self.stop_signal or 'on another rank'}: "
-                          f"checkpoint saved at step {self.step}, exiting", flush=True)
+                    why = f"--max-minutes {args.max_minutes} reached" if self.stop_signal == "time" else \
+                        f"received signal {self.stop_signal or 'on another rank'}"
+                    print(f"{why}: checkpoint saved at step {self.step}, exiting", flush=True)
                 break
         if bar is not None:
             bar.close()

@@ -1,76 +1,173 @@
 #!/usr/bin/env python
-"""Quickstart: a few optimizer steps of igpt-tiny on synthetic token images, on CPU.
+"""The whole iGPT pipeline on real images, one command: palette -> shards -> DeepSpeed pretraining
+-> export -> per-layer features -> linear probes (beside raw-pixel and random-weight baselines)
+-> completions of real images. Every stage is one of the project's own commands, printed before
+it runs, so the same steps scale to a cluster by changing flags and configs, not code.
 
-Until the data and pretraining pieces land this exercises the real model end to end: the
-megatron-core tensor-parallel layers (TP=1 here, no launcher), the AR or BERT objective and
-Adam with the paper's betas. The synthetic images have horizontal stripes (each row one
-palette colour), so the loss must fall well below the uniform ln(512) = 6.24 nats/token.
+    python tools/quickstart.py                       # embedded CIFAR-10 sample, igpt-tiny, CPU, ~10 min
+    python tools/quickstart.py --tiny                # a smoke run of every stage (about 2 min)
+    python tools/quickstart.py --data ~/cifar-10-batches-py --model igpt-s --resolution 32 \\
+        --deepspeed-config ds_configs/igpt-s.json --steps 100000 --launcher "deepspeed --num_gpus 8"
 
-    python tools/quickstart.py --steps 30
+Outputs, all under --out (default runs/quickstart): palette.npy, shards/{train,val}/,
+checkpoints/ (DeepSpeed, resumable), training.png, export/ (consolidated), features/*.npz,
+probe.json + probe.png, samples.png, summary.json.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
+import shlex
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
-
-from igpt_ds.config import get_preset  # noqa: E402
-from igpt_ds.model import IGPTModel  # noqa: E402
-from igpt_ds.objectives import bert_mask, bits_per_dim, compute_loss  # noqa: E402
+DEFAULT_DATA = os.path.join(REPO, "data", "cifar10-sample")
 
 
-def striped_images(batch: int, side: int, generator: torch.Generator) -> torch.Tensor:
-    """[batch, side*side] tokens: each row of each image is one random palette colour."""
-    rows = torch.randint(0, 512, (batch, side, 1), generator=generator)
-    return rows.expand(batch, side, side).reshape(batch, side * side)
+def run(cmd: list[str], log: list, env: dict) -> None:
+    """Run one stage's command (printed first), failing the quickstart with its output if it fails."""
+    shown = " ".join(shlex.quote(c) for c in cmd)
+    print(f"\n$ {shown}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO)
+    log.append({"command": shown, "seconds": round(time.perf_counter() - start, 1)})
+    if proc.returncode != 0:
+        raise SystemExit(f"error: this stage failed (exit {proc.returncode}): {shown}")
+
+
+def check_data(path: str, split: str) -> int:
+    """Fail early, saying what was expected, when --data is missing or unreadable."""
+    from igpt_ds.sources import open_source
+
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --data {path} does not exist. Expected an image source: a CIFAR-10 "
+                         f"'cifar-10-batches-py' directory (data_batch_1..5), CIFAR-100 'cifar-100-python', "
+                         f"STL-10 'stl10_binary', an image folder, or an .npz with 'images'")
+    try:
+        return len(open_source(path, split))
+    except ValueError as e:
+        raise SystemExit(f"error: --data {path}: {e}") from None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="igpt-tiny", help="model preset (default: igpt-tiny)")
-    p.add_argument("--objective", choices=["ar", "bert"], default="ar")
-    p.add_argument("--resolution", type=int, default=32, help="model resolution side (default 32)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (paper: 0.003 for AR S)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="image source (default: the embedded CIFAR-10 sample)")
+    p.add_argument("--out", default=os.path.join(REPO, "runs", "quickstart"), help="run directory")
+    p.add_argument("--model", default="igpt-tiny", help="preset (default igpt-tiny)")
+    p.add_argument("--objective", default="ar", choices=["ar", "bert"])
+    p.add_argument("--resolution", type=int, default=16,
+                   help="model resolution side (default 16: 4x fewer tokens than CIFAR's 32, for a CPU)")
+    p.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps (default 600)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3, the paper's for S)")
+    p.add_argument("--deepspeed-config", default=os.path.join(REPO, "ds_configs", "quickstart.json"),
+                   help="DeepSpeed config: batch size, precision, ZeRO (default ds_configs/quickstart.json)")
+    p.add_argument("--launcher", default="", help="prefix for the pretraining command, e.g. 'deepspeed --num_gpus 8' "
+                   "(default: plain python, one process)")
+    p.add_argument("--pretrain-args", default="", help="extra flags for igpt_ds/pretrain.py, e.g. '--tensor-parallel 2'")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="held-out fraction of the train split: pretraining validation and the probes' test set")
+    p.add_argument("--completions", type=int, default=4, help="completions per image in samples.png")
+    p.add_argument("--tiny", action="store_true", help="smoke mode: a few steps and small stages (for CI)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    cfg = get_preset(args.model, resolution=args.resolution, objective=args.objective)
-    model = IGPTModel(cfg).train()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    data_gen = torch.Generator().manual_seed(args.seed + 1)
-    print(f"{cfg.name} ({cfg.num_parameters() / 1e6:.2f}M parameters), {cfg.objective}, "
-          f"MR {cfg.resolution}^2 = {cfg.seq_len} tokens, batch {args.batch_size}")
-    start = time.perf_counter()
-    first = last = float("nan")
-    for step in range(1, args.steps + 1):
-        tokens = striped_images(args.batch_size, cfg.resolution, data_gen)
-        mask = bert_mask(tokens.shape, cfg.bert_mask_prob, data_gen) if cfg.objective == "bert" else None
-        out = compute_loss(model, tokens, mask)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        last = out.loss.item()
-        first = last if step == 1 else first
-        if step == 1 or step % 5 == 0 or step == args.steps:
-            print(f"step {step:4d}  loss {last:.4f} nats/token  {bits_per_dim(last):.3f} bits/dim")
-    elapsed = time.perf_counter() - start
-    tokens_per_s = args.steps * args.batch_size * cfg.seq_len / elapsed
-    print(f"loss {first:.3f} -> {last:.3f} (uniform: {math.log(512):.3f}) in {elapsed:.1f}s, "
-          f"{tokens_per_s:,.0f} tokens/s")
-    if not last < first:
-        print("error: the loss did not decrease", file=sys.stderr)
-        return 1
+    n_images = check_data(args.data, "train")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    py, log = sys.executable, []
+    steps = 4 if args.tiny else args.steps
+    palette, shards, ckpt = f"{out}/palette.npy", f"{out}/shards", f"{out}/checkpoints"
+    export, feats = f"{out}/export", f"{out}/features"
+    split = ["--val-fraction", str(args.val_fraction), "--split-seed", str(args.seed)]
+    print(f"iGPT-DS quickstart: {n_images} training images from {args.data} -> {out}")
+    t0 = time.perf_counter()
+
+    run([py, "tools/make_palette.py", "--data", args.data, "--out", palette, "--seed", str(args.seed),
+         "--sample-pixels", "20000" if args.tiny else "200000", "--iters", "5" if args.tiny else "20"], log, env)
+    if not os.path.isfile(f"{shards}/train/dataset.json"):
+        run([py, "tools/build_shards.py", "--data", args.data, "--split", "train", "--palette", palette,
+             "--resolution", str(args.resolution), "--val-fraction", str(args.val_fraction), "--seed", str(args.seed),
+             "--out", shards, "--no-progress"], log, env)
+    pretrain = [*shlex.split(args.launcher)] if args.launcher else [py]
+    run([*pretrain, "igpt_ds/pretrain.py", "--model", args.model, "--objective", args.objective,
+         "--resolution", str(args.resolution), "--train-data", f"{shards}/train", "--val-data", f"{shards}/val",
+         "--palette", palette, "--deepspeed_config", args.deepspeed_config, "--train-steps", str(steps),
+         "--lr", str(args.lr), "--warmup-steps", str(max(1, steps // 10)), "--save", ckpt,
+         "--save-interval", str(max(1, steps // 2)), "--eval-interval", str(max(1, steps // 4)),
+         "--log-interval", "1" if args.tiny else "10", "--num-workers", "1", "--seed", str(args.seed),
+         *(["--load", ckpt] if os.path.isfile(f"{ckpt}/latest") else []), *shlex.split(args.pretrain_args)],
+        log, env)
+    run([py, "tools/plot_training.py", f"{ckpt}/metrics.jsonl", "--out", f"{out}/training.png"], log, env)
+    if os.path.isdir(export):
+        import shutil
+
+        shutil.rmtree(export)  # the export follows the newest checkpoint
+    run([py, "tools/convert_checkpoint.py", ckpt, export, "--to", "consolidated"], log, env)
+
+    extract = [py, "tools/extract_features.py", "--data", args.data, "--layers", "all", "--batch-size", "64",
+               "--seed", str(args.seed), *split]
+    for name, how in (("model", ["--checkpoint", export]), ("raw", ["--raw-pixels", "--checkpoint", export]),
+                      ("random", ["--random-init", "--checkpoint", export])):
+        for part in ("train", "val"):
+            run([*extract, *how, "--split", part, "--out", f"{feats}/{name}_{part}.npz"], log, env)
+    for name in ("raw", "random"):
+        run([py, "tools/linear_probe.py", "--train", f"{feats}/{name}_train.npz", "--test", f"{feats}/{name}_val.npz",
+             "--out", f"{feats}/{name}_probe.json", "--name", name, "--quiet"], log, env)
+    run([py, "tools/linear_probe.py", "--train", f"{feats}/model_train.npz", "--test", f"{feats}/model_val.npz",
+         "--out", f"{out}/probe.json", "--plot", f"{out}/probe.png", "--name", f"{args.model} (pretrained)",
+         "--baseline", f"raw pixels={feats}/raw_probe.json", "--baseline", f"random weights={feats}/random_probe.json",
+         "--quiet"], log, env)
+    run([py, "tools/sample.py", "--checkpoint", export, "--data", args.data, "--split", "train",
+         "--num-images", "2" if args.tiny else "6", "--completions", str(2 if args.tiny else args.completions),
+         "--out", f"{out}/samples.png", "--seed", str(args.seed)], log, env)
+
+    summary = summarize(out, args, log, time.perf_counter() - t0)
+    print(f"\nDone in {summary['seconds'] / 60:.1f} min. {summary['text']}")
     return 0
+
+
+def summarize(out: str, args, log: list, seconds: float) -> dict:
+    from igpt_ds.metrics import read_metrics
+
+    records = read_metrics(f"{out}/checkpoints/metrics.jsonl")
+    val = [r for r in records if r.get("val_loss") is not None]
+    probe = json.load(open(f"{out}/probe.json"))
+    raw = json.load(open(f"{out}/features/raw_probe.json"))
+    rand = json.load(open(f"{out}/features/random_probe.json"))
+    outputs = {"palette": "palette.npy", "shards": "shards/", "checkpoints": "checkpoints/",
+               "training curves": "training.png", "export": "export/", "features": "features/",
+               "probe": "probe.json", "probe plot": "probe.png", "samples": "samples.png"}
+    text = (f"Pretraining: {records[-1]['step']} steps, train loss {records[-1]['loss']:.3f} nats/token"
+            + (f", validation {val[-1]['val_loss']:.3f} nats/token ({val[-1]['val_bits_per_dim']:.3f} bits/dim)"
+               if val else "")
+            + f".\nLinear probe (held-out images): best layer {probe['best_layer']} "
+              f"{100 * probe['best_test_accuracy']:.1f}% | raw pixels {100 * raw['best_test_accuracy']:.1f}% "
+              f"| random weights {100 * rand['best_test_accuracy']:.1f}%\nOutputs in {out}: "
+            + ", ".join(f"{k} {v}" for k, v in outputs.items()))
+    summary = {"seconds": round(seconds, 1), "data": os.path.abspath(args.data), "model": args.model,
+               "resolution": args.resolution, "steps": records[-1]["step"], "final_loss": records[-1]["loss"],
+               "val_loss": val[-1]["val_loss"] if val else None, "probe_best_layer": probe["best_layer"],
+               "probe_accuracy": probe["best_test_accuracy"], "raw_pixel_accuracy": raw["best_test_accuracy"],
+               "random_weights_accuracy": rand["best_test_accuracy"], "outputs": outputs, "stages": log,
+               "text": text}
+    tmp = f"{out}/summary.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, f"{out}/summary.json")
+    return summary
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":
