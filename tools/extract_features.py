@@ -103,6 +103,18 @@ def pick_device(arg: str, shard_index: int):
     return torch.device("cuda", local % torch.cuda.device_count())
 
 
+def own_process_group() -> None:
+    """A 1-rank process group of this process alone, made before any model is built.
+
+    Each extraction process is independent (a slice, TP = 1): under srun / torchrun the launcher's
+    RANK / SLURM_PROCID would otherwise make the model join one world-wide group.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def build_model(args, device):
     """(model or None, config, palette, palette sha256, description) for the chosen features."""
     import torch
@@ -143,6 +155,7 @@ def extract(args) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device, args.shard_index)
+    own_process_group()
     model, cfg, palette, sha, how = build_model(args, device)
     r = cfg.resolution
     if args.data:

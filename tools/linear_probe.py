@@ -73,7 +73,7 @@ def probe_files(train_path: str, test_path: str, layer_spec: str, args, log=prin
     """Per-layer probe results of a train/test pair of feature files (the JSON's core)."""
     import numpy as np
 
-    from igpt_ds.features import parse_layers
+    from igpt_ds.feature_files import parse_layers
     from igpt_ds.probe import check_layers, load_pair, probe
 
     train, test = load_pair(train_path, test_path)
@@ -190,7 +190,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from igpt_ds.features import FeatureFileError
+    from igpt_ds.feature_files import FeatureFileError
 
     try:
         result = run(args)
