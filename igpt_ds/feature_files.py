@@ -38,8 +38,6 @@ class FeatureFileError(ValueError):
     """A feature file that cannot be used as asked. The message names the file and the fix."""
 
 
-# ---------------------------------------------------------------------------------------------
-
 def parse_layers(spec: Union[str, int, Sequence[int]], n_layer: int) -> list[int]:
     """Sorted unique layer indices from ``all``, ``middle``, ``3``, ``2-5`` (inclusive), ``1,3,8``.
 

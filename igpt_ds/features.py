@@ -42,8 +42,9 @@ from .config import ModelConfig
 from .feature_files import (FORMAT, OUT_DTYPES, VERSION, FeatureFile, FeatureFileError,  # noqa: F401 (re-exported)
                             FeatureWriter, PathLike, find_parts, merge_feature_files, parse_layers, part_path)
 
+
 # ---------------------------------------------------------------------------------------------
-# Layers and the feature definition
+# The feature definition
 # ---------------------------------------------------------------------------------------------
 
 def feature_norm(h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
