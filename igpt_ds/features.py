@@ -1,0 +1,283 @@
+"""Per-layer image representations: f^l = mean over positions of norm(h^l) (Chen et al. 2020, Sec. 3.4).
+
+    model, cfg, palette = igpt_ds.load_pretrained("runs/tiny/export")
+    layers = parse_layers("all", cfg.n_layer)                    # [0, 1, ..., L]
+    feats = pooled_features(model, tokens, layers)                # {l: float32 [b, d]}
+
+Definitions (the contract of ``tools/extract_features.py`` and its ``.npz`` files):
+
+- ``h^0`` is the embedding output (token + position, after the AR start-of-sequence shift or the
+  BERT mask), ``h^l`` the residual stream after block l (``IGPTModel.hidden_states``), l = 1..L.
+- ``norm`` is the PARAMETER-FREE normalisation of the model's own kind, over the channel dim:
+  ``layernorm`` models: ``(h - mean(h)) / sqrt(var(h) + eps)`` (LayerNorm without gain or bias);
+  ``rmsnorm`` models (the released OpenAI / HF checkpoints): ``h / sqrt(mean(h^2) + eps)``;
+  ``eps`` is the model's ``norm_eps``. No learned gain is applied: h^l has no norm of its own
+  (each block's ln_1 / the final ln_f belong to what reads h^l), and a per-channel gain and bias
+  are exactly undone by the probe's per-feature standardisation anyway.
+- ``f^l = mean_t norm(h^l)_t`` over all ``resolution**2`` positions, computed in float32 whatever
+  the model's dtype.
+- AR models see the SOS shift they were trained with (inside the model: position t holds pixels
+  before t). BERT models: pass k of K draws a fresh i.i.d. mask (p = ``cfg.bert_mask_prob``,
+  masked content embeddings zeroed, as in training), and ``f^l = (1/K) sum_k mean_t norm(h^l_k)``:
+  features are averaged over the K masks (the paper's ensemble of 5; the mean pools over every
+  position, masked or not). Image i's masks depend only on (seed, i, k), so the features do not
+  depend on the batch size or on how the data is split across processes. K = 0 feeds the
+  unmasked image.
+
+Feature files (``layer<l>`` (N, d), ``labels``, ``index``, ``meta``; streaming, atomic, slices and
+merging) are defined in :mod:`igpt_ds.feature_files`; the names are re-exported here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .feature_files import (FORMAT, OUT_DTYPES, VERSION, FeatureFile, FeatureFileError,  # noqa: F401 (re-exported)
+                            FeatureWriter, PathLike, find_parts, merge_feature_files, parse_layers, part_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature definition
+# ---------------------------------------------------------------------------------------------
+
+def feature_norm(h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Parameter-free norm of the model's kind over the last dim, in float32 (see the module docstring)."""
+    h = h.float()
+    if cfg.norm == "rmsnorm":
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+    return F.layer_norm(h, (h.shape[-1],), eps=cfg.norm_eps)
+
+
+@torch.no_grad()
+def pooled_features(model, tokens: torch.Tensor, layers: Sequence[int],
+                    mask: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
+    """``{l: f^l}`` float32 [b, d] of one forward pass over ``tokens`` [b, s] (``mask`` for BERT).
+
+    Runs the blocks only up to the deepest requested layer, pooling each as it passes, so the
+    full stack of hidden states is never held. Equal to pooling ``model.hidden_states(tokens, mask)``.
+    """
+    cfg = model.cfg
+    if model.check_inputs:
+        model.validate_inputs(tokens, mask)
+    wanted, deepest = set(layers), max(layers)
+    h = model.embed(tokens, mask)  # h^0 [b, s, d]
+    out = {0: feature_norm(h, cfg).mean(1)} if 0 in wanted else {}
+    for i, block in enumerate(model.blocks[:deepest]):
+        h = block(h)  # h^{i+1}
+        if i + 1 in wanted:
+            out[i + 1] = feature_norm(h, cfg).mean(1)
+    return out
+
+
+def image_masks(indices: Sequence[int], passes: int, seq_len: int, prob: float, seed: int) -> torch.Tensor:
+    """Bool [passes, b, seq_len]: BERT masks of each image, a function of (seed, image index, pass) only."""
+    from .objectives import bert_mask
+
+    masks = []
+    for index in indices:
+        state = np.random.SeedSequence([seed, int(index)]).generate_state(2)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        masks.append(bert_mask((passes, seq_len), prob, gen))  # [passes, s]
+    return torch.stack(masks, dim=1)
+
+
+@torch.no_grad()
+def batch_features(model, tokens: torch.Tensor, layers: Sequence[int], indices: Sequence[int],
+                   bert_masks: int = 5, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``{l: f^l}`` float32 [b, d]; for BERT models averaged over ``bert_masks`` masked passes.
+
+    ``indices`` are the images' positions in the whole data set (they seed the BERT masks).
+    """
+    cfg = model.cfg
+    if cfg.objective != "bert" or bert_masks == 0:
+        return pooled_features(model, tokens, layers)
+    masks = image_masks(indices, bert_masks, tokens.shape[1], cfg.bert_mask_prob, seed).to(tokens.device)
+    total: dict[int, torch.Tensor] = {}
+    for k in range(bert_masks):
+        for layer, f in pooled_features(model, tokens, layers, masks[k]).items():
+            total[layer] = f if k == 0 else total[layer] + f
+    return {layer: f / bert_masks for layer, f in total.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The palette a model was trained with
+# ---------------------------------------------------------------------------------------------
+
+def recorded_palette_sha256(checkpoint: PathLike) -> Optional[str]:
+    """The palette SHA-256 a checkpoint directory records (None when it records none).
+
+    Consolidated exports: ``config.json`` ``palette_sha256``; DeepSpeed run directories (``latest``
+    + ``<tag>/igpt_meta.json``, or a ``global_stepN`` directory itself): ``palette_sha256`` of the
+    meta. Hugging Face directories carry the palette itself, which ``load_pretrained`` returns.
+    """
+    path = Path(checkpoint)
+    candidates = [path / "config.json", path / "igpt_meta.json"]
+    if (path / "latest").is_file():
+        candidates.append(path / (path / "latest").read_text().strip() / "igpt_meta.json")
+    for file in candidates:
+        if file.is_file():
+            try:
+                value = json.loads(file.read_text()).get("palette_sha256")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                continue
+            if value:
+                return str(value)
+    return None
+
+
+def resolve_palette(checkpoint: str, carried: Optional[np.ndarray], recorded: Optional[str],
+                    palette_file: Optional[str], vocab_size: int) -> tuple[Optional[np.ndarray], Optional[str], str]:
+    """``(palette, sha256, how)``: the palette to quantize with, checked against what the checkpoint holds.
+
+    ``carried``: the palette the checkpoint carries (``load_pretrained``), ``recorded``: the hash
+    it records. ``palette_file`` (``--palette``) must agree with both. Raises ValueError naming
+    both hashes when a checkpoint and a palette do not belong together.
+    """
+    from .palette import load_palette, palette_sha256
+
+    carried_hash = palette_sha256(carried) if carried is not None else None
+    if carried_hash and recorded and carried_hash != recorded:
+        raise ValueError(f"{checkpoint}: its palette (sha256 {carried_hash[:16]}...) is not the one its config "
+                         f"records ({recorded[:16]}...); the checkpoint is inconsistent")
+    expected = carried_hash or recorded
+    if palette_file is None:
+        if carried is None:
+            raise ValueError(f"{checkpoint} carries no palette; pass --palette FILE (the palette.npy the model "
+                             f"was trained with{'; its sha256 must be ' + recorded[:16] + '...' if recorded else ''})")
+        return carried, carried_hash, "carried by the checkpoint"
+    palette = load_palette(palette_file, clusters=None)
+    got = palette_sha256(palette)
+    if len(palette) != vocab_size:
+        raise ValueError(f"--palette {palette_file} has {len(palette)} colours but the model {vocab_size} tokens: "
+                         f"they do not belong together")
+    if expected is not None and got != expected:
+        raise ValueError(f"--palette {palette_file} (sha256 {got[:16]}...) is not the palette {checkpoint} was "
+                         f"trained with (sha256 {expected[:16]}...): tokens from another palette are other colours. "
+                         f"Use the palette.npy of the training run" + (" or leave out --palette (the checkpoint "
+                         f"carries its own)" if carried is not None else ""))
+    how = "--palette, matches the checkpoint's" if expected else "--palette (the checkpoint records none: unchecked)"
+    return palette, got, how
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: token batches of a slice of an image source or a shard set
+# ---------------------------------------------------------------------------------------------
+
+def slice_range(total: int, shard_index: int, num_shards: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of slice ``shard_index`` of ``num_shards`` (contiguous, sizes differ by <= 1)."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} must lie in 0..{num_shards - 1} (--num-shards {num_shards})")
+    return total * shard_index // num_shards, total * (shard_index + 1) // num_shards
+
+
+class _ResizedImages(torch.utils.data.Dataset):
+    """Images ``start..end`` of a source, centre-cropped and resized to the model resolution."""
+
+    def __init__(self, source, start: int, end: int, resolution: int):
+        self.source, self.start, self.end, self.resolution = source, start, end, resolution
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int):
+        from .shards import resize_view  # the evaluation transform the shards are built with
+
+        index = self.start + i
+        image, label = self.source[index]
+        image = resize_view(np.asarray(image, dtype=np.uint8), self.resolution, "center")
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), int(label), index
+
+
+def source_batches(source, palette: np.ndarray, resolution: int, start: int, end: int, batch_size: int,
+                   num_workers: int = 0, device: Union[str, torch.device] = "cpu") -> Iterator[dict]:
+    """Batches ``{"tokens" [b, r*r] on device, "labels", "index"}`` of images ``start..end`` of an image source.
+
+    Resizing happens in ``num_workers`` DataLoader workers, quantization (``palette.quantize``,
+    the one quantizer of the project) on ``device``.
+    """
+    from .palette import quantize
+
+    loader = torch.utils.data.DataLoader(_ResizedImages(source, start, end, resolution), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers)
+    for images, labels, index in loader:
+        tokens = quantize(images.to(device), palette, device=device)
+        yield {"tokens": tokens, "labels": labels.numpy(), "index": index.numpy()}
+
+
+def shard_batches(specs, seq_len: int, vocab_size: int, start: int, end: int, batch_size: int,
+                  device: Union[str, torch.device] = "cpu") -> Iterator[dict]:
+    """Batches of samples ``start..end`` of a shard set read in manifest order (no shuffling)."""
+    from .data import read_shard
+
+    def samples():
+        offset = 0
+        for spec in specs:
+            lo, hi = max(start, offset), min(end, offset + spec.samples)
+            if lo < hi:
+                for k, (_, tokens, label) in enumerate(read_shard(spec, lo - offset, hi - offset, seq_len, vocab_size)):
+                    yield lo + k, tokens, label
+            offset += spec.samples
+
+    batch: list = []
+    for sample in samples():
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield _stack(batch, device)
+            batch = []
+    if batch:
+        yield _stack(batch, device)
+
+
+def _stack(batch: list, device) -> dict:
+    return {"tokens": torch.from_numpy(np.stack([t for _, t, _ in batch])).to(device),
+            "labels": np.array([label for _, _, label in batch], dtype=np.int64),
+            "index": np.array([i for i, _, _ in batch], dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Extraction:
+    """What :func:`extract` writes into one feature file, and how to compute each batch's rows."""
+
+    layers: list[int]
+    widths: dict[int, int]
+    total: int
+    """Rows in the whole data set (all slices)."""
+    start: int
+    end: int
+    meta: dict
+
+
+def extract(batches: Iterable[dict], compute, ex: Extraction, out: PathLike, dtype_out: str = "float32",
+            progress: bool = True, num_batches: Optional[int] = None) -> Path:
+    """Write the features of ``batches`` (rows ``ex.start..ex.end``) to ``out``, streaming and atomically.
+
+    ``compute(batch) -> {layer: float32 tensor [b, d]}``. Rows land at ``batch["index"] - ex.start``.
+    """
+    if dtype_out not in OUT_DTYPES:
+        raise ValueError(f"dtype_out={dtype_out!r}: choose one of {sorted(OUT_DTYPES)}")
+    n, np_dtype = ex.end - ex.start, OUT_DTYPES[dtype_out]
+    arrays = {f"layer{l}": ((n, ex.widths[l]), np_dtype) for l in ex.layers}
+    arrays.update(labels=((n,), np.int64), index=((n,), np.int64))
+    from tqdm import tqdm
+
+    with FeatureWriter(out, arrays) as writer:
+        for batch in tqdm(batches, total=num_batches, disable=not progress, desc="features", unit="batch"):
+            feats = compute(batch)
+            row = int(batch["index"][0]) - ex.start
+            values = {f"layer{l}": feats[l].cpu().numpy().astype(np_dtype) for l in ex.layers}
+            values.update(labels=np.asarray(batch["labels"], np.int64), index=np.asarray(batch["index"], np.int64))
+            writer.write(row, values)
+        meta = dict(ex.meta, format=FORMAT, version=VERSION, layers=ex.layers, total=ex.total,
+                    num_rows=n, dtype=dtype_out)
+        return writer.finish(meta)

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Extract per-layer image features f^l = mean over positions of norm(h^l) into an .npz file.
+
+  python tools/extract_features.py --checkpoint runs/tiny/export --data cifar-10-batches-py \\
+      --split train --layers all --out feats/train.npz
+
+The checkpoint is anything igpt_ds.load_pretrained reads (a consolidated export, a Hugging Face
+ImageGPT directory, a DeepSpeed checkpoint directory where supported). Images from --data (CIFAR-10/100,
+STL-10, .npz, image folders; see igpt_ds.sources) are centre-cropped, resized to the model
+resolution and quantized with the palette the model was trained with; --shards DIR reads
+pre-quantized shards instead (their manifest's palette hash must match). A checkpoint that
+carries no palette needs --palette FILE, checked against the hash the checkpoint records.
+
+Output (.npz): layer<l> (N, d) per extracted layer (0 = embedding output, L = last block),
+labels (N,) (-1 = unlabeled), index (N,), meta (JSON). norm is the parameter-free norm of the
+model's kind (LayerNorm without gain/bias, or RMS without gain); BERT models average the features
+of --bert-masks fresh random masks (default 5). Written streaming and atomically.
+
+Baselines for the linear probe, with the same files and the same probe code:
+  --raw-pixels           features = the palette colours of the quantized image, flattened (layer0)
+  --random-init          the checkpoint's architecture (or --model PRESET) with fresh random weights
+
+Several processes (e.g. one per GPU), each a contiguous slice, then a merge:
+  python tools/extract_features.py ... --out feats/train.npz --shard-index $i --num-shards 4
+      (writes feats/train.part0000i-of-00004.npz)
+  python tools/extract_features.py merge feats/train.npz          (finds the parts; or list them)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", help="model directory (consolidated export, HF ImageGPT, DeepSpeed checkpoint)")
+    m.add_argument("--random-init", action="store_true",
+                   help="baseline: fresh random weights of the checkpoint's architecture (or of --model)")
+    m.add_argument("--model", help="preset for --random-init / --raw-pixels without --checkpoint (e.g. igpt-tiny)")
+    m.add_argument("--resolution", type=int, help="model resolution with --model (default: the preset's)")
+    m.add_argument("--objective", choices=["ar", "bert"], default="ar", help="objective with --model (default ar)")
+    m.add_argument("--raw-pixels", action="store_true",
+                   help="baseline: the quantized image's palette colours, flattened (r*r*3 values in [-1, 1])")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="image source: CIFAR-10/100 or STL-10 folder, .npz, image folder")
+    d.add_argument("--shards", help="shard directory (tools/build_shards.py) instead of --data")
+    d.add_argument("--split", default="train", help="split of --data: train, test, ... (default train)")
+    d.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of train as split 'val' (and 'train' is the rest)")
+    d.add_argument("--split-seed", type=int, default=0, help="seed of the --val-fraction split (default 0)")
+    d.add_argument("--palette", help="palette .npy (needed when the checkpoint carries none; checked by hash)")
+    d.add_argument("--num-workers", type=int, default=2, help="image decoding/resizing workers (default 2)")
+    f = p.add_argument_group("features")
+    f.add_argument("--layers", default="all", help="'all', 'middle', 3, 2-5, 1,3,8 (0 = embedding output; default all)")
+    f.add_argument("--out", help="output .npz")
+    f.add_argument("--dtype-out", choices=["float32", "float16"], default="float32", help="stored dtype (default float32)")
+    f.add_argument("--bert-masks", type=int, default=5, help="BERT models: masked passes averaged (default 5; 0 = no mask)")
+    f.add_argument("--seed", type=int, default=0, help="seed of BERT masks and --random-init weights (default 0)")
+    r = p.add_argument_group("running")
+    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available; with "
+                   "--num-shards, cuda:$LOCAL_RANK)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (default fp32)")
+    r.add_argument("--shard-index", type=int, default=0, help="this process's slice (default 0)")
+    r.add_argument("--num-shards", type=int, default=1, help="number of slices/processes (default 1)")
+    r.add_argument("--merge", action="store_true", help="merge the slice files of --out instead of extracting")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if not args.out:
+        p.error("--out is required")
+    if args.merge:
+        return args
+    if (args.data is None) == (args.shards is None):
+        p.error("give exactly one of --data PATH or --shards DIR")
+    if args.checkpoint is None and not (args.model and (args.random_init or args.raw_pixels)):
+        p.error("give --checkpoint (or --model PRESET with --random-init / --raw-pixels)")
+    if args.random_init and args.raw_pixels:
+        p.error("--random-init and --raw-pixels are two different baselines: run them separately")
+    if args.batch_size < 1 or args.bert_masks < 0:
+        p.error("--batch-size must be >= 1 and --bert-masks >= 0")
+    return args
+
+
+def pick_device(arg: str, shard_index: int):
+    import torch
+
+    if arg != "auto":
+        return torch.device(arg)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", shard_index))
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
+def own_process_group() -> None:
+    """A 1-rank process group of this process alone, made before any model is built.
+
+    Each extraction process is independent (a slice, TP = 1): under srun / torchrun the launcher's
+    RANK / SLURM_PROCID would otherwise make the model join one world-wide group.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def build_model(args, device):
+    """(model or None, config, palette, palette sha256, description) for the chosen features."""
+    import torch
+
+    import igpt_ds
+    from igpt_ds.config import get_preset
+    from igpt_ds.features import recorded_palette_sha256, resolve_palette
+    from igpt_ds.model import IGPTModel
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("--dtype fp16 needs a GPU (CPU half-precision matmuls are slow and inexact); "
+                         "use --dtype bf16 or fp32 on CPU")
+    if args.checkpoint:
+        model, cfg, carried = igpt_ds.load_pretrained(args.checkpoint, device=device, dtype=dtype)
+        palette, sha, how = resolve_palette(args.checkpoint, carried, recorded_palette_sha256(args.checkpoint),
+                                            args.palette, cfg.vocab_size)
+    else:
+        overrides = {"objective": args.objective, **({"resolution": args.resolution} if args.resolution else {})}
+        cfg, model = get_preset(args.model, **overrides), None
+        if not args.palette and not args.shards:
+            raise ValueError(f"--model {args.model} without --checkpoint: pass --palette FILE to quantize --data")
+        palette, sha, how = resolve_palette(args.model, None, None, args.palette, cfg.vocab_size) \
+            if args.palette else (None, None, "none (tokens from shards)")
+    if args.random_init:
+        model = IGPTModel(cfg, seed=args.seed).to(device=device, dtype=dtype).eval()
+    if args.raw_pixels:
+        model = None
+    return model, cfg, palette, sha, how
+
+
+def extract(args) -> str:
+    import numpy as np
+    import torch
+
+    from igpt_ds import features as F
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device, args.shard_index)
+    own_process_group()
+    model, cfg, palette, sha, how = build_model(args, device)
+    r = cfg.resolution
+    if args.data:
+        from igpt_ds.sources import open_source
+
+        source = open_source(args.data, args.split, val_fraction=args.val_fraction, split_seed=args.split_seed)
+        total, label_names = len(source), list(source.label_names)
+        origin = {"data": os.path.abspath(args.data), "split": args.split, "val_fraction": args.val_fraction,
+                  "split_seed": args.split_seed, "name": source.name}
+    else:
+        from igpt_ds.data import resolve_source
+        from igpt_ds.shards import check_manifest
+
+        specs, manifests = resolve_source(args.shards)
+        for man in manifests:
+            check_manifest(man, sha, r)
+        sha = sha or manifests[0].palette_sha256
+        if palette is None and args.raw_pixels:
+            raise ValueError("--raw-pixels turns tokens into palette colours: pass --palette or a checkpoint with one")
+        total, label_names = sum(s.samples for s in specs), list(manifests[0].label_names)
+        origin = {"shards": os.path.abspath(args.shards)}
+    start, end = F.slice_range(total, args.shard_index, args.num_shards)
+    if end <= start:
+        raise ValueError(f"slice {args.shard_index} of {args.num_shards} of {total} images is empty")
+    if args.data:
+        batches = F.source_batches(source, palette, r, start, end, args.batch_size, args.num_workers, device)
+    else:
+        batches = F.shard_batches(specs, cfg.seq_len, cfg.vocab_size, start, end, args.batch_size, device)
+
+    if args.raw_pixels:
+        layers, widths, kind = [0], {0: cfg.seq_len * 3}, "raw-pixels"
+        colours = torch.from_numpy(np.asarray(palette, np.float32)).to(device)
+
+        def compute(batch):
+            return {0: colours[batch["tokens"]].reshape(len(batch["tokens"]), -1)}
+    else:
+        layers = F.parse_layers(args.layers, cfg.n_layer)
+        widths, kind = {l: cfg.d_model for l in layers}, "random-init" if args.random_init else "model"
+        masks = args.bert_masks if cfg.objective == "bert" else None
+
+        def compute(batch):
+            return F.batch_features(model, batch["tokens"], layers, batch["index"], masks or 0, args.seed)
+
+    meta = {"kind": kind, "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
+            "model": cfg.to_dict(), "palette_sha256": sha, "palette_from": how, "source": origin,
+            "label_names": label_names, "dtype_model": args.dtype,
+            "norm": ("none (raw pixels)" if args.raw_pixels else
+                     f"parameter-free {cfg.norm} (no gain/bias), eps={cfg.norm_eps}, then mean over positions"),
+            "bert_masks": None if args.raw_pixels or cfg.objective != "bert" else args.bert_masks,
+            "seed": args.seed}
+    out = args.out
+    if args.num_shards > 1:
+        out = str(F.part_path(args.out, args.shard_index, args.num_shards))
+        meta["slice"] = {"shard_index": args.shard_index, "num_shards": args.num_shards, "start": start, "end": end}
+    ex = F.Extraction(layers=layers, widths=widths, total=total, start=start, end=end, meta=meta)
+    t0 = time.perf_counter()
+    path = F.extract(batches, compute, ex, out, args.dtype_out, progress=not args.no_progress,
+                     num_batches=math.ceil((end - start) / args.batch_size))
+    dt = time.perf_counter() - t0
+    what = f"layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+    print(f"{end - start} images ({kind}, {what}, {device}, {args.dtype}) in {dt:.1f}s "
+          f"({(end - start) / max(dt, 1e-9):.1f} images/s) -> {path}")
+    return str(path)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from igpt_ds.features import FeatureFileError
+
+    try:
+        if argv and argv[0] == "merge":
+            p = argparse.ArgumentParser(prog="extract_features.py merge",
+                                        description="Merge the slice files of a sharded extraction in order.")
+            p.add_argument("out", help="merged .npz to write")
+            p.add_argument("parts", nargs="*", help="slice files (default: OUT.part*-of-*.npz beside OUT)")
+            margs = p.parse_args(argv[1:])
+            return merge(margs.out, margs.parts)
+        args = parse_args(argv)
+        if args.merge:
+            return merge(args.out, [])
+        extract(args)
+    except (ValueError, FileNotFoundError, FeatureFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def merge(out: str, parts: list) -> int:
+    from igpt_ds.features import find_parts, merge_feature_files
+
+    parts = parts or find_parts(out)
+    path = merge_feature_files(parts, out)
+    print(f"merged {len(parts)} slices -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
