@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(REPO, "runs", "quickstart"), help="run directory")
     p.add_argument("--model", default="igpt-tiny", help="preset (default igpt-tiny)")
     p.add_argument("--objective", default="ar", choices=["ar", "bert"])
-    p.add_argument("--resolution", type=int, default=16,
-                   help="model resolution side (default 16: 4x fewer tokens than CIFAR's 32, for a CPU)")
+    p.add_argument("--resolution", type=int,
+                   help="model resolution side (default 16: 4x fewer tokens than CIFAR's 32, for a CPU; 8 with --tiny)")
     p.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps (default 600)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3, the paper's for S)")
     p.add_argument("--deepspeed-config", default=os.path.join(REPO, "ds_configs", "quickstart.json"),
@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    args.resolution = args.resolution or (8 if args.tiny else 16)
     n_images = check_data(args.data, "train")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

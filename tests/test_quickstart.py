@@ -1,0 +1,35 @@
+"""The README's main command in its smoke mode: every stage runs and every promised output exists."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = [sys.executable, str(ROOT / "tools" / "quickstart.py")]
+
+
+def test_quickstart_tiny_produces_every_output(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([*QUICKSTART, "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for name, rel in summary["outputs"].items():
+        assert (out / rel).exists(), f"{name}: {rel} missing"
+    for png in ("training.png", "probe.png", "samples.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["steps"] == 4 and 0.0 <= summary["probe_accuracy"] <= 1.0
+    assert 0.0 <= summary["raw_pixel_accuracy"] <= 1.0 and 0.0 <= summary["random_weights_accuracy"] <= 1.0
+    assert (out / "export" / "palette.npy").is_file()  # the export carries the training palette
+    assert "Linear probe (held-out images)" in proc.stdout and "raw pixels" in proc.stdout
+
+
+def test_quickstart_names_what_it_expected_for_a_bad_dataset(tmp_path):
+    for data, words in ((tmp_path / "missing", "does not exist. Expected an image source"),
+                        (tmp_path, "")):
+        proc = subprocess.run([*QUICKSTART, "--tiny", "--data", str(data), "--out", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert f"--data {data}" in proc.stderr and words in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
