@@ -99,10 +99,11 @@ def _worker_init(_):
 class ImageLoader:
     """Batches ``{"tokens" (B, R*R) int64, "labels" (B,), "valid" (B,) bool, "keys"}`` from images.
 
-    ``drop_last=True`` (training): each DP rank takes ``N // D`` samples of the epoch's (seeded,
-    per-epoch) permutation and uses whole batches of them. ``drop_last=False`` (evaluation): every
-    sample once; the last batch of a rank is padded by repeating samples with ``valid=False``, so
-    all ranks still yield ``batches_per_epoch`` batches of ``batch_size``.
+    The epoch's (seeded, per-epoch) permutation is cut into rounds of ``D x B`` samples; DP rank r
+    takes the r-th ``B`` of each round, so the global batch does not depend on the DP size.
+    ``drop_last=True`` (training): only whole rounds. ``drop_last=False`` (evaluation): every
+    sample once; the last round is padded by repeating samples with ``valid=False``, so all ranks
+    still yield ``batches_per_epoch`` batches of ``batch_size``.
     ``epochs=None`` runs forever; ``state_dict``/``load_state_dict`` resume mid-epoch.
     """
 
@@ -120,8 +121,7 @@ class ImageLoader:
         self.palette_sha256 = palette_sha256(palette)
         self.label_names = list(source.label_names)
         n, d, b = len(source), dp_world_size, batch_size
-        self.per_rank = (n // d // b) * b if drop_last else -(-n // d)
-        self.batches_per_epoch = -(-self.per_rank // b)
+        self.batches_per_epoch = n // (d * b) if drop_last else -(-n // (d * b))
         if self.batches_per_epoch == 0:
             raise ValueError(f"{source.name}: {n} images do not make one batch of {b} on each of {d} DP ranks; "
                              f"lower the batch size (DeepSpeed config) or add images")
@@ -133,16 +133,16 @@ class ImageLoader:
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices (batches, B), valid (batches, B)) of this DP rank in ``epoch``."""
-        n = len(self.source)
+        n, d, b = len(self.source), self.dp_world_size, self.batch_size
         order = np.random.default_rng([self.seed, epoch, 0x46_54]).permutation(n) if self.shuffle else np.arange(n)
-        start = self.dp_rank * (n // self.dp_world_size if self.drop_last else self.per_rank)
-        mine = order[start:start + self.per_rank]
-        valid = np.ones(len(mine), dtype=bool)
-        padded = self.batches_per_epoch * self.batch_size
-        if len(mine) < padded:  # evaluation: pad with repeats that carry no weight
-            fill = np.resize(mine if len(mine) else order[:1], padded - len(mine))
-            mine, valid = np.concatenate([mine, fill]), np.concatenate([valid, np.zeros(len(fill), dtype=bool)])
-        return mine.reshape(-1, self.batch_size), valid.reshape(-1, self.batch_size)
+        total = self.batches_per_epoch * d * b
+        valid = np.arange(total) < n
+        if total > n:  # evaluation: pad with repeats that carry no weight
+            order = np.concatenate([order, np.resize(order, total - n)])
+        # Round k takes the next d * b samples; DP rank r the r-th b of them. A global batch (all
+        # ranks, all accumulation steps) is therefore the same set of images at any DP size.
+        pick = lambda a: a[:total].reshape(self.batches_per_epoch, d, b)[:, self.dp_rank]  # noqa: E731
+        return pick(order), pick(valid)
 
     def __iter__(self) -> Iterator[dict]:
         while self.epochs is None or self.epoch < self.epochs:
