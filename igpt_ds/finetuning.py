@@ -116,14 +116,14 @@ def check_labels(labels: np.ndarray, label_names: list, num_classes: Optional[in
                          f"labelled source (class sub-folders, CIFAR/STL train/test, an .npz with 'labels')")
     found = int(labels.max()) + 1 if len(labels) else 0
     named = len(label_names)
-    if num_classes is None:
-        num_classes = max(named, found)
-    if named and named != num_classes:
+    if num_classes is not None and named and named != num_classes:
         raise ValueError(f"{where}: the data names {named} classes but --num-classes is {num_classes}; "
                          f"drop --num-classes or give {named}")
+    if num_classes is None:
+        num_classes = named or found
     if found > num_classes:
-        raise ValueError(f"{where}: label {found - 1} is out of range for --num-classes {num_classes} "
-                         f"(labels must lie in 0..{num_classes - 1})")
+        raise ValueError(f"{where}: label {found - 1} is out of range for {num_classes} classes (--num-classes or "
+                         f"the data's label names); labels must lie in 0..{num_classes - 1}")
     if num_classes < 2:
         raise ValueError(f"{where}: {num_classes} class(es); a classifier needs at least 2")
     return num_classes
