@@ -50,17 +50,22 @@ class PipelineLoss:
 
 def build_pipeline_module(cfg: ModelConfig, tp_group: dist.ProcessGroup, pipeline_parallel: int,
                           tensor_parallel: int, data_parallel: int, seed: int,
-                          activation_checkpoint_interval: Optional[int] = None):
-    """A PipelineModule over DP x TP x PP whose rank order equals megatron-core's (TP fastest, then DP, PP)."""
+                          activation_checkpoint_interval: Optional[int] = None, head_cls=None, head_args: tuple = (),
+                          loss_fn=None):
+    """A PipelineModule over DP x TP x PP whose rank order equals megatron-core's (TP fastest, then DP, PP).
+
+    ``head_cls(cfg, tp_group, *head_args)`` replaces :class:`HeadPipe` and ``loss_fn`` the
+    pretraining loss (fine-tuning's class head; see :mod:`igpt_ds.classifier`).
+    """
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     specs = [LayerSpec(EmbeddingPipe, cfg, tp_group)]
     # Blocks checkpoint themselves when cfg.activation_checkpointing is on; no second layer of it here.
     specs += [LayerSpec(Block, cfg, tp_group) for _ in range(cfg.n_layer)]
-    specs.append(LayerSpec(HeadPipe, cfg, tp_group))
+    specs.append(LayerSpec(head_cls or HeadPipe, cfg, tp_group, *head_args))
     topology = PipeModelDataParallelTopology(num_pp=pipeline_parallel, num_mp=tensor_parallel, num_dp=data_parallel)
-    return PipelineModule(layers=specs, topology=topology, loss_fn=PipelineLoss(tensor_parallel),
+    return PipelineModule(layers=specs, topology=topology, loss_fn=loss_fn or PipelineLoss(tensor_parallel),
                           partition_method="type:Block", seed_layers=True, seed_fn=torch.manual_seed,
                           base_seed=seed, activation_checkpoint_interval=activation_checkpoint_interval or 0)
 

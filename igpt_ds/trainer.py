@@ -129,10 +129,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_model(cfg: ModelConfig, state: parallel.ParallelState, ds: DSSettings, seed: int):
+def build_model(cfg: ModelConfig, state: parallel.ParallelState, ds: DSSettings, seed: int,
+                model_cls=None, pipeline_options: Optional[dict] = None):
     """The model for this rank: a PipelineModule stage for PP > 1, else IGPTModel (under zero.Init for ZeRO-3).
 
     Per-layer seeds make the weights independent of the layout (see ``IGPTModel(seed=...)``).
+    Variants (fine-tuning) pass ``model_cls`` (called as ``model_cls(cfg, tp_group, seed=seed)``) and
+    ``pipeline_options`` (extra keyword arguments of ``build_pipeline_module``).
     """
     import deepspeed
 
@@ -142,13 +145,13 @@ def build_model(cfg: ModelConfig, state: parallel.ParallelState, ds: DSSettings,
         from .pipeline import build_pipeline_module
 
         return build_pipeline_module(cfg, state.tp_group, layout.pipeline_parallel, layout.tensor_parallel,
-                                     layout.data_parallel, seed=seed)
+                                     layout.data_parallel, seed=seed, **(pipeline_options or {}))
     from .model import IGPTModel
 
     init = deepspeed.zero.Init(data_parallel_group=state.dp_group, config_dict_or_path=ds.config,
                                mpu=parallel.DeepSpeedMPU(state)) if ds.zero_stage == 3 else contextlib.nullcontext()
     with init:
-        return IGPTModel(cfg, state.tp_group, seed=seed)
+        return (model_cls or IGPTModel)(cfg, state.tp_group, seed=seed)
 
 
 def build_engine(module, state: parallel.ParallelState, ds: DSSettings, lr: float, schedule: WarmupCosine,

@@ -1,0 +1,206 @@
+"""`igpt_ds/finetune.py` as users run it: learning a planted signal, layouts vs one process, early
+stopping, resume, the evaluation tool and bad input.
+
+A 2-layer, 64-wide iGPT at 8x8 (random init, exported as a consolidated checkpoint) and 256 8x8
+images in 4 classes: class c has a bright 4x4 block in quadrant c over dim noise. fp32, batch 16.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from igpt_ds.metrics import read_metrics
+from igpt_ds.testing import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = str(ROOT / "igpt_ds" / "finetune.py")
+EVALUATE = str(ROOT / "tools" / "evaluate_classifier.py")
+COMMON = ["--no-progress", "--num-workers", "0", "--val-fraction", "0.25"]
+# Layouts only reorder fp32 sums (TP partial products, DP all-reduces); measured differences ~1e-6.
+LOSS_TOL = 1e-4
+ENV = {"DS_ACCELERATOR": "cpu"}
+
+
+def planted_images(n=256, side=8, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    images = rng.integers(0, 128, (n, side, side, 3), dtype=np.uint8)
+    h = side // 2
+    for i, c in enumerate(labels):
+        r, q = divmod(int(c), 2)
+        images[i, r * h:(r + 1) * h, q * h:(q + 1) * h] = 230
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from igpt_ds.checkpoint import save_consolidated
+    from igpt_ds.config import get_preset
+    from igpt_ds.model import IGPTModel
+
+    root = tmp_path_factory.mktemp("ft")
+    cfg = get_preset("igpt-tiny", resolution=8, n_layer=2, d_model=64, n_head=4)
+    palette = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
+    save_consolidated(root / "init", cfg, IGPTModel(cfg, seed=0).state_dict(), palette=palette)
+    images, labels = planted_images()
+    np.savez(root / "d.npz", images=images, labels=labels, label_names=np.array(["tl", "tr", "bl", "br"]))
+    return root
+
+
+def ds_config(path, stage=0, micro=None):
+    cfg = {"train_batch_size": 16, "zero_optimization": {"stage": stage}}
+    if micro:
+        cfg["train_micro_batch_size_per_gpu"] = micro
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def finetune(nprocs, setup, args, timeout=600):
+    results = launch([FINETUNE, "--init", str(setup / "init"), "--train-data", str(setup / "d.npz"), *COMMON, *args],
+                     nprocs, timeout=timeout, cwd=str(ROOT), env=ENV)
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank} exited {r.returncode}:\n{r.stderr[-4000:]}"
+    return results
+
+
+def test_learns_a_planted_signal_then_evaluates_and_resumes(setup, tmp_path):
+    run = tmp_path / "run"
+    cfg = ds_config(tmp_path / "ds.json")
+    out = finetune(1, setup, ["--deepspeed_config", cfg, "--lr", "3e-3", "--train-steps", "60", "--eval-interval",
+                              "20", "--save", str(run)])
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val_acc" in r]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    best = max(r["val_acc"] for r in evals)
+    assert best >= 0.9, evals  # chance is 0.25
+    assert "best val acc" in out[0].stdout
+    info = json.loads((run / "best" / "config.json").read_text())["classifier"]
+    assert info["val_accuracy"] == best and info["num_classes"] == 4 and info["label_names"] == ["tl", "tr", "bl", "br"]
+    assert os.readlink(run / "best") == f"exports/step{info['step']}"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "best" / "model.safetensors"))
+    assert weights["clf.weight"].shape == (4, 64) and weights["clf.bias"].shape == (4,)
+    assert weights["clf.weight"].abs().sum() > 0  # trained away from its zero init
+
+    # The evaluation tool on the same held-out images reproduces the validation accuracy.
+    ev = subprocess.run([sys.executable, EVALUATE, "--checkpoint", str(run / "best"), "--data", str(setup / "d.npz"),
+                         "--split", "val", "--val-fraction", "0.25", "--out", str(tmp_path / "eval"),
+                         "--num-workers", "0"], capture_output=True, text=True, cwd=str(ROOT), env={**os.environ, **ENV})
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "confusion_matrix.json").read_text())
+    assert report["accuracy"] == pytest.approx(best) and report["num_images"] == 64
+    assert np.array(report["confusion_matrix"]).sum() == 64
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
+
+    # Resume: continues at step 61 with the best so far.
+    finetune(1, setup, ["--deepspeed_config", cfg, "--lr", "3e-3", "--train-steps", "62", "--eval-interval", "20",
+                        "--save", str(run), "--load", str(run)])
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps[-2:] == [61, 62] and (run / "latest").read_text() == "global_step62"
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert last["best_val_acc"] == best
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    finetune(1, setup, ["--deepspeed_config", ds_config(tmp / "ds.json"), "--lr", "3e-3", "--train-steps", "4",
+                        "--eval-interval", "2", "--save", str(tmp / "run"), "--augment", "cifar"])
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("name, nprocs, stage, micro, flags", [
+    ("tp2", 2, 1, None, ["--tensor-parallel", "2"]),
+    ("pp2", 2, 1, 8, ["--pipeline-parallel", "2"]),  # 2 micro-batches through 2 stages
+    ("dp2_zero3", 2, 3, None, []),
+])
+def test_layout_matches_single_process(setup, reference, tmp_path, name, nprocs, stage, micro, flags):
+    run = tmp_path / "run"
+    finetune(nprocs, setup, ["--deepspeed_config", ds_config(tmp_path / "ds.json", stage, micro), "--lr", "3e-3",
+                             "--train-steps", "4", "--eval-interval", "2", "--save", str(run), "--augment", "cifar",
+                             *flags])
+    ref, got = read_metrics(reference / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert len(got) == len(ref) == 4
+    for a, b in zip(got, ref):
+        for key in ("gen_loss", "clf_loss"):
+            assert abs(a[key] - b[key]) <= LOSS_TOL, f"{name} step {a['step']} {key}: {a[key]} vs {b[key]}"
+        assert a.get("val_acc") == b.get("val_acc")
+    # The best export is layout-independent: the same full weights, class head included.
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(str(run / "best" / "model.safetensors")), load_file(str(reference / "best" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3, msg=key)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(setup, tmp_path):
+    run = tmp_path / "run"
+    # Scripted validation accuracies: best at the 2nd evaluation, then 2 worse ones -> stop (patience 2).
+    driver = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from igpt_ds import finetuning, finetune\n"
+        "accs = iter([0.3, 0.6, 0.5, 0.55, 0.9, 0.9])\n"
+        "heads = {}\n"
+        "def evaluate(self):\n"
+        "    heads[self.step] = self.engine.module.clf.weight.detach().clone()\n"
+        "    torch.save(heads, sys.argv[1])\n"
+        "    return next(accs)\n"
+        "finetuning.Finetuner.evaluate = evaluate\n"
+        "sys.exit(finetune.main(sys.argv[2:]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", driver, str(tmp_path / "heads.pt"), "--init", str(setup / "init"),
+                          "--train-data", str(setup / "d.npz"), *COMMON, "--train-steps", "20", "--eval-interval", "1",
+                          "--patience", "2", "--lr", "3e-3", "--deepspeed_config", ds_config(tmp_path / "ds.json"),
+                          "--save", str(run)], capture_output=True, text=True, cwd=str(ROOT),
+                         env={**os.environ, **ENV}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "early stop at step 4" in out.stdout
+    assert os.readlink(run / "best") == "exports/step2" and os.listdir(run / "exports") == ["step2"]
+    info = json.loads((run / "best" / "config.json").read_text())["classifier"]
+    assert info["step"] == 2 and info["val_accuracy"] == 0.6
+    from safetensors.torch import load_file
+
+    heads = torch.load(tmp_path / "heads.pt")
+    saved = load_file(str(run / "best" / "model.safetensors"))["clf.weight"]
+    torch.testing.assert_close(saved, heads[2])  # the weights of step 2, not the last ones
+    assert not torch.equal(saved, heads[4])
+    assert (run / "latest").read_text() == "global_step4"  # resume point of the stopped run
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-1] == 4
+
+
+def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
+    from igpt_ds import finetune
+    from igpt_ds.checkpoint import save_consolidated
+    from igpt_ds.config import get_preset
+    from igpt_ds.model import IGPTModel
+
+    cfg = ds_config(tmp_path / "ds.json")
+    # A checkpoint whose weights are of another architecture than its config says.
+    small = get_preset("igpt-tiny", resolution=8, n_layer=2, d_model=64, n_head=4)
+    other = small.replace(d_model=32)
+    save_consolidated(tmp_path / "wrong", small, IGPTModel(other, seed=0).state_dict())
+    images, labels = planted_images(64)
+    np.savez(tmp_path / "unlabeled.npz", images=images)
+    np.savez(tmp_path / "bad_label.npz", images=images, labels=labels, label_names=np.array(list("abc")))
+    init, data = str(setup / "init"), str(setup / "d.npz")
+    cases = [
+        (["--init", str(tmp_path / "wrong"), "--train-data", data], "has shape"),
+        (["--init", str(tmp_path), "--train-data", data], "is not a model directory"),
+        (["--init", init, "--train-data", data, "--num-classes", "3"], "names 4 classes but --num-classes is 3"),
+        (["--init", init, "--train-data", data, "--num-classes", "5"], "names 4 classes but --num-classes is 5"),
+        (["--init", init, "--train-data", str(tmp_path / "bad_label.npz")], "label 3 is out of range for 3 classes"),
+        (["--init", init, "--train-data", str(tmp_path / "unlabeled.npz")], "have no label"),
+    ]
+    for flags, message in cases:
+        out = tmp_path / "out"
+        code = finetune.main([*flags, *COMMON, "--train-steps", "2", "--deepspeed_config", cfg, "--save", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (flags, err[-2000:])
+        assert not out.exists(), f"{flags} left output behind"
