@@ -5,7 +5,6 @@ through their ``main(argv)`` except where a subprocess is the point.
 """
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +19,6 @@ from igpt_ds.sharding import full_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(resolution=8, n_layer=2, d_model=32, n_head=2)
-
-
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_launcher_env():
-    """Building a model in-process sets RANK=0 etc. (parallel.init_distributed); don't leak them to later tests' subprocesses."""
-    saved = {k: os.environ.get(k) for k in LAUNCHER_VARS}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def load_tool(name):

@@ -15,21 +15,6 @@ from igpt_ds.feature_files import FeatureFile, FeatureFileError, FeatureWriter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_launcher_env():
-    """Building a model in-process sets RANK=0 etc. (parallel.init_distributed); don't leak them to later tests' subprocesses."""
-    saved = {k: os.environ.get(k) for k in LAUNCHER_VARS}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def load_tool(name):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
