@@ -13,12 +13,13 @@ Written to a temporary directory and renamed, so a crash never leaves a half-wri
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -42,6 +43,28 @@ def is_consolidated(path: PathLike) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    ``path`` must not exist or be an empty directory. On any error the temporary directory is
+    removed, so a failed write never leaves a partial output.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                       palette: Optional[np.ndarray] = None, dtype: torch.dtype = torch.float32,
                       extra: Optional[dict] = None) -> Path:
@@ -49,11 +72,7 @@ def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str,
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         # megatron layers add `_extra_state: None` entries to state_dict(); keep tensors only.
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()
                    if isinstance(v, torch.Tensor)}
@@ -69,12 +88,6 @@ def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str,
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if palette is not None:
             np.save(tmp / PALETTE_FILE, np.asarray(palette, dtype=np.float32))
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -30,14 +30,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_directory
 from .config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
@@ -274,13 +273,9 @@ def save_hf(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Ten
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
     hf, tensors = state_dict_to_hf(config, state_dict)  # refuses before anything is written
     hf["dtype"] = str(dtype).replace("torch.", "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()},
                   str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
@@ -289,10 +284,4 @@ def save_hf(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Ten
                    "do_color_quantize": True, "do_normalize": True, "do_resize": True, "resample": 2,
                    "size": {"height": config.resolution, "width": config.resolution}}
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(pre) + "\n")
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
