@@ -14,6 +14,7 @@ paper's best rate is often 10x lower than pretraining's. Images are augmented, t
 the fly. With --val-data (or --val-fraction) the run evaluates every --eval-interval steps (default
 one epoch), keeps the best export in SAVE/best and stops after --patience evaluations without
 improvement. Test accuracy and a confusion matrix: tools/evaluate_classifier.py --checkpoint SAVE/best.
+The from-scratch baseline is the same command with --random-init (same architecture, fresh weights).
 
 Runs under `deepspeed`, torchrun/srun (RANK/WORLD_SIZE/... variables) or as one plain process.
 """
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     m.add_argument("--init", metavar="CHECKPOINT",
                    help="pretrained model: consolidated export, HF ImageGPT dir or DeepSpeed checkpoint dir "
                         "(its config decides the architecture)")
+    m.add_argument("--random-init", action="store_true",
+                   help="take only the architecture and palette from --init and train from random (OpenAI-init) "
+                        "weights: the from-scratch baseline a fine-tuning run is compared with")
     m.add_argument("--num-classes", type=int, help="classes (default: from the data; an error if it contradicts it)")
     m.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     d = p.add_argument_group("data")
@@ -81,6 +85,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.init and not args.load:
         p.error("give --init CHECKPOINT (or --load SAVE_DIR to resume)")
+    if args.random_init and not args.init:
+        p.error("--random-init needs --init CHECKPOINT (it gives the architecture and palette)")
     if args.val_split is None:
         args.val_split = "val" if args.val_fraction and not args.val_data else "test"
     if args.val_fraction and not args.val_data:
@@ -99,8 +105,9 @@ def main(argv=None) -> int:
     from igpt_ds.finetuning import FinetuneArgs, Finetuner
 
     fargs = FinetuneArgs(
-        init=args.init, train_data=args.train_data, val_data=args.val_data, split=args.split,
-        val_split=args.val_split, val_fraction=args.val_fraction, split_seed=args.split_seed, palette=args.palette,
+        init=args.init, random_init=args.random_init, train_data=args.train_data, val_data=args.val_data,
+        split=args.split, val_split=args.val_split, val_fraction=args.val_fraction, split_seed=args.split_seed,
+        palette=args.palette,
         num_classes=args.num_classes, deepspeed_config=args.deepspeed_config, tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel, lr=args.lr, train_steps=args.train_steps,
         train_epochs=args.train_epochs, warmup_steps=args.warmup_steps, gen_weight=args.gen_weight,

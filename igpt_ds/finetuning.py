@@ -48,6 +48,7 @@ class FinetuneArgs:
     """What a fine-tuning run needs besides the DeepSpeed config (see ``igpt_ds/finetune.py --help``)."""
 
     init: Optional[str] = None
+    random_init: bool = False  # only --init's config and palette: the from-scratch baseline
     train_data: str = ""
     val_data: Optional[str] = None
     split: str = "train"
@@ -202,6 +203,8 @@ class Finetuner:
         else:
             self.resume_meta = None
             cfg, init_sd, palette, init_meta = self._read_init(args.init)
+            if args.random_init:  # the same architecture, trained from its fresh init (seeded by --seed)
+                init_sd = None
         if args.activation_checkpointing:
             cfg = cfg.replace(activation_checkpointing=True)
         self.cfg = cfg
@@ -513,7 +516,7 @@ class Finetuner:
     def _finetune_state(self) -> dict:
         return {"num_classes": self.num_classes, "label_names": self._label_names(), "best_acc": self.best_acc,
                 "best_step": self.best_step, "bad_evals": self.bad_evals, "gen_weight": self.args.gen_weight,
-                "augment": self.args.augment, "init": self.args.init}
+                "augment": self.args.augment, "init": self.args.init, "random_init": self.args.random_init}
 
     def _label_names(self) -> list:
         names = self.train_labels_names

@@ -175,6 +175,32 @@ def test_early_stopping_keeps_the_best_checkpoint(setup, tmp_path):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-1] == 4
 
 
+@pytest.mark.parametrize("random_init", [False, True])
+def test_random_init_keeps_the_architecture_but_not_the_weights(setup, tmp_path, random_init):
+    """--random-init (the from-scratch baseline) trains --init's architecture from the fresh init of
+    --seed; without it the run starts from --init's weights. One step at lr 1e-7 moves no weight by
+    more than ~1e-7 (Adam's step is about lr), so the best export shows where the run started."""
+    from safetensors.torch import load_file
+
+    from igpt_ds.config import get_preset
+    from igpt_ds.model import IGPTModel
+
+    run = tmp_path / "run"
+    finetune(1, setup, ["--deepspeed_config", ds_config(tmp_path / "ds.json"), "--lr", "1e-7", "--train-steps", "1",
+                        "--eval-interval", "1", "--seed", "1", "--save", str(run)] + (["--random-init"] * random_init))
+    saved = load_file(str(run / "best" / "model.safetensors"))
+    pretrained = load_file(str(setup / "init" / "model.safetensors"))
+    cfg = get_preset("igpt-tiny", resolution=8, n_layer=2, d_model=64, n_head=4)
+    fresh = IGPTModel(cfg, seed=1).state_dict()
+    start, other = (fresh, pretrained) if random_init else (pretrained, fresh)
+    assert set(pretrained) <= set(saved)
+    for key in pretrained:
+        torch.testing.assert_close(saved[key], start[key], atol=1e-6, rtol=0, msg=key)
+    assert not torch.allclose(saved["embed.wte.weight"], other["embed.wte.weight"], atol=1e-3)
+    meta = json.loads((run / "global_step1" / "igpt_meta.json").read_text())
+    assert meta["finetune"]["random_init"] is random_init
+
+
 def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
     from igpt_ds import finetune
     from igpt_ds.checkpoint import save_consolidated
@@ -204,3 +230,6 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err, (flags, err[-2000:])
         assert not out.exists(), f"{flags} left output behind"
+    with pytest.raises(SystemExit):  # argparse: the baseline needs an architecture to start from
+        finetune.parse_args(["--random-init", "--load", str(tmp_path / "out"), "--train-data", data])
+    assert "--random-init needs --init CHECKPOINT" in capsys.readouterr().err
