@@ -1,9 +1,12 @@
 """The README's main command in its smoke mode: every stage runs and every promised output exists."""
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = [sys.executable, str(ROOT / "tools" / "quickstart.py")]
@@ -22,7 +25,11 @@ def test_quickstart_tiny_produces_every_output(tmp_path):
     assert summary["steps"] == 4 and 0.0 <= summary["probe_accuracy"] <= 1.0
     assert 0.0 <= summary["raw_pixel_accuracy"] <= 1.0 and 0.0 <= summary["random_weights_accuracy"] <= 1.0
     assert (out / "export" / "palette.npy").is_file()  # the export carries the training palette
-    assert "Linear probe (held-out images)" in proc.stdout and "raw pixels" in proc.stdout
+    # The summary says how many images the probe accuracies rest on and their binomial standard error.
+    n, acc = summary["probe_test_images"], summary["probe_accuracy"]
+    assert n == json.loads((out / "probe.json").read_text())["num_test"] > 0
+    assert summary["probe_standard_error"] == pytest.approx(math.sqrt(acc * (1 - acc) / n), abs=1e-6)
+    assert f"Linear probe ({n} held-out images, standard error about" in proc.stdout and "raw pixels" in proc.stdout
 
 
 def test_quickstart_names_what_it_expected_for_a_bad_dataset(tmp_path):
