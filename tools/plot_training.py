@@ -67,7 +67,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: str, title: str = "",
         axes[1].legend(fontsize="small")
     if accuracy:
         for j, (name, value) in enumerate(references):
-            axes[2].axhline(100 * value, color="k", ls=(0, (4, 2 + 2 * j)), lw=1, label=f"{name} {100 * value:.1f}%")
+            axes[2].axhline(100 * value, color=str(min(0.6, 0.2 * j)), ls=(0, (4, 2 + 2 * j)), lw=1,
+                            label=f"{name} {100 * value:.1f}%")
         axes[2].set(xlabel="step", ylabel="accuracy (%)", title="validation accuracy")
         axes[2].legend(fontsize="small")
     else:
