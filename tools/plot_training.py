@@ -85,11 +85,6 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: str, title: str = "",
     return out
 
 
-def plot_training(records: list[dict], out: str, title: str = "") -> str:
-    """One run's curves (see :func:`plot_runs`)."""
-    return plot_runs([(title or "run", records)], out, title=title)
-
-
 def parse_reference(text: str) -> tuple[str, float]:
     name, sep, value = text.rpartition("=")
     try:

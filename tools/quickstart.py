@@ -147,7 +147,7 @@ def summarize(out: str, args, log: list, seconds: float) -> dict:
     rand = json.load(open(f"{out}/features/random_probe.json"))
     # The binomial standard error of a test accuracy: how far apart two probes must be to mean anything.
     n_test = probe["num_test"]
-    stderr = math.sqrt(max(probe["best_test_accuracy"] * (1 - probe["best_test_accuracy"]), 1e-12) / max(n_test, 1))
+    stderr = math.sqrt(probe["best_test_accuracy"] * (1 - probe["best_test_accuracy"]) / n_test)
     outputs = {"palette": "palette.npy", "shards": "shards/", "checkpoints": "checkpoints/",
                "training curves": "training.png", "export": "export/", "features": "features/",
                "probe": "probe.json", "probe plot": "probe.png", "samples": "samples.png"}
