@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         split=args.split, val_split=args.val_split, val_fraction=args.val_fraction, split_seed=args.split_seed,
         palette=args.palette, num_classes=args.num_classes, deepspeed_config=args.deepspeed_config,
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel, lr=args.lr,
-        train_steps=args.train_steps, train_epochs=args.train_epochs, warmup_steps=args.warmup_steps, gen_weight=args.gen_weight,
+        train_steps=args.train_steps, train_epochs=args.train_epochs, warmup_steps=args.warmup_steps,
+        gen_weight=args.gen_weight,
         patience=args.patience, eval_interval=args.eval_interval, save=args.save, load=args.load, seed=args.seed,
         augment=args.augment, bert_masks=args.bert_masks, activation_checkpointing=args.activation_checkpointing,
         num_workers=args.num_workers, log_interval=args.log_interval, progress=not args.no_progress)

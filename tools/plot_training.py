@@ -44,7 +44,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: str, title: str = "",
         train, val = _points(records, "loss"), _points(records, "val_loss")
         axes[0].plot(*zip(*train), color=color, alpha=0.8, label=f"{label} train" if many else "train")
         if val:
-            axes[0].plot(*zip(*val), "o-", color=color, mfc="white", label=f"{label} validation" if many else "validation")
+            axes[0].plot(*zip(*val), "o-", color=color, mfc="white",
+                         label=f"{label} validation" if many else "validation")
         axes[1].plot(*zip(*_points(records, "lr")), color=color, label=label)
         ax = axes[2]
         if accuracy:
