@@ -1,5 +1,5 @@
 """iGPT-DS: Image GPT (Chen et al., 2020) trained with DeepSpeed and megatron-core."""
-from .config import PRESETS, ModelConfig, get_preset
+from igpt_ds.config import PRESETS, ModelConfig, get_preset
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "load_pretrained", "__version__"]
@@ -7,7 +7,7 @@ __all__ = ["ModelConfig", "PRESETS", "get_preset", "load_pretrained", "__version
 
 def load_pretrained(path, device="cpu", dtype=None):
     """``model, config, palette = load_pretrained(path, device="cpu")``: a consolidated export or a
-    Hugging Face ImageGPT directory, in eval mode, in a plain process (see :mod:`igpt_ds.pretrained`)."""
-    from .pretrained import load_pretrained as load  # torch and megatron load only when needed
+    Hugging Face ImageGPT directory, in eval mode, in a plain process (see :mod:`igpt_ds.checkpoint.formats`)."""
+    from igpt_ds.checkpoint.formats import load_pretrained as load  # torch and megatron load only when needed
 
     return load(path, device=device, dtype=dtype)

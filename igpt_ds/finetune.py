@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from igpt_ds.finetuning import FinetuneArgs, Finetuner
+    from igpt_ds.train.classify import FinetuneArgs, Finetuner
 
     fargs = FinetuneArgs(
         init=args.init, random_init=args.random_init, train_data=args.train_data, val_data=args.val_data,

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .config import NUM_COLORS
+from igpt_ds.config import NUM_COLORS
 
 Device = Union[str, torch.device, None]
 

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_third_party_warnings()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    from igpt_ds.trainer import Trainer, TrainArgs, TrainingDiverged
+    from igpt_ds.train.loop import Trainer, TrainArgs, TrainingDiverged
 
     targs = TrainArgs(
         model=args.model, objective=args.objective, resolution=args.resolution,

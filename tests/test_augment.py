@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds.augment import ImageLoader, augment_view, cifar_augment, source_labels
-from igpt_ds.finetuning import check_labels, confusion_matrix, modal_prediction
+from igpt_ds.data.images import ImageLoader, augment_view, cifar_augment, source_labels
+from igpt_ds.train.classify import check_labels, confusion_matrix, modal_prediction
 from igpt_ds.palette import quantize
-from igpt_ds.shards import BuildSettings, build_shards, resize_view
-from igpt_ds.sources import open_source
+from igpt_ds.data.shards import BuildSettings, build_shards, resize_view
+from igpt_ds.data.sources import open_source
 
 PAL = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
 
@@ -86,7 +86,7 @@ def test_on_the_fly_quantization_equals_the_shard_pipeline(npz):
     root, imgs = npz
     source = open_source(root / "d.npz")
     build_shards(source, str(root / "shards"), PAL, BuildSettings(resolution=8, shard_size=20), progress=False)
-    from igpt_ds.data import build_loader
+    from igpt_ds.data.tokens import build_loader
 
     from_shards = {}
     for batch in build_loader(str(root / "shards"), batch_size=10, dp_rank=0, dp_world_size=1, num_workers=0,

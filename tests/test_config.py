@@ -1,7 +1,7 @@
 import pytest
 
 from igpt_ds.config import PRESETS, ModelConfig, get_preset
-from igpt_ds.model import IGPTModel
+from igpt_ds.model.transformer import IGPTModel
 
 # Chen et al. (2020), Section 3: parameter counts of the four sizes.
 PAPER_PARAMS = {"igpt-s": 76e6, "igpt-m": 455e6, "igpt-l": 1362e6, "igpt-xl": 6801e6}

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from igpt_ds.data_benchmark import gpu_consumption
+from igpt_ds.planning.bench_data import gpu_consumption
 from igpt_ds.palette import save_palette
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

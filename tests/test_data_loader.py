@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from igpt_ds.data import EpochLayout, build_loader, epoch_segments
+from igpt_ds.data.tokens import EpochLayout, build_loader, epoch_segments
 from igpt_ds.palette import palette_sha256, quantize
-from igpt_ds.parallel import ParallelLayout
-from igpt_ds.shards import BuildSettings, ShardError, _write_tar, build_shards, read_manifest
-from igpt_ds.sources import open_source
+from igpt_ds.parallel.layout import ParallelLayout
+from igpt_ds.data.shards import BuildSettings, ShardError, _write_tar, build_shards, read_manifest
+from igpt_ds.data.sources import open_source
 from igpt_ds.testing import run_ranks
 
 RES = 8

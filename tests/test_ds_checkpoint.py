@@ -42,7 +42,7 @@ def tp2_zero3_run(tmp_path_factory):
 
 def _tp_logits(rank, world, run, tokens):
     """Logits of the checkpoint in its own layout (TP=2 x DP=2, ZeRO-3), gathered over TP."""
-    from igpt_ds.ds_checkpoint import _engine_for, find_checkpoint
+    from igpt_ds.checkpoint.reshard import _engine_for, find_checkpoint
 
     root, tag, meta = find_checkpoint(run)
     _, _, _, engine, _ = _engine_for(meta, meta["tensor_parallel"], meta["pipeline_parallel"])

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds import features as F
-from igpt_ds.checkpoint import save_consolidated
+from igpt_ds.evaluate import features as F
+from igpt_ds.checkpoint.consolidated import save_consolidated
 from igpt_ds.config import get_preset
-from igpt_ds.model import IGPTModel
-from igpt_ds.sharding import full_state_dict
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.parallel.weights import full_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(resolution=8, n_layer=2, d_model=32, n_head=2)
@@ -160,7 +160,7 @@ def run_tool(setup, *argv):
 
 def test_extract_matches_direct_computation(setup, tmp_path):
     from igpt_ds.palette import quantize
-    from igpt_ds.shards import resize_view
+    from igpt_ds.data.shards import resize_view
 
     out = tmp_path / "f.npz"
     assert run_tool(setup, "--checkpoint", setup["tmp"] / "ckpt", "--data", setup["tmp"] / "images.npz",
@@ -209,9 +209,9 @@ def test_sharded_extraction_merges_to_single_process(setup, tmp_path):
 
 
 def test_shards_give_the_same_features_as_images(setup, tmp_path):
-    from igpt_ds.data import read_shard, resolve_source
-    from igpt_ds.shards import BuildSettings, build_shards
-    from igpt_ds.sources import open_source
+    from igpt_ds.data.tokens import read_shard, resolve_source
+    from igpt_ds.data.shards import BuildSettings, build_shards
+    from igpt_ds.data.sources import open_source
 
     source = open_source(str(setup["tmp"] / "images.npz"), "train")
     build_shards(source, str(tmp_path / "shards"), setup["palette"], BuildSettings(resolution=8, shard_size=25),
@@ -306,7 +306,7 @@ def test_bad_inputs(setup, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def _has_deepspeed_format() -> bool:
-    from igpt_ds import pretrained
+    from igpt_ds.checkpoint import formats as pretrained
 
     return any(fmt.name == "deepspeed" for fmt in pretrained.FORMATS)
 
@@ -326,7 +326,7 @@ def _pretrain(tmp, name, nprocs, stage, flags=()):
 
 
 needs_deepspeed_format = pytest.mark.skipif(
-    not _has_deepspeed_format(), reason="load_pretrained has no 'deepspeed' format yet (igpt_ds.pretrained.FORMATS)")
+    not _has_deepspeed_format(), reason="load_pretrained has no 'deepspeed' format yet (igpt_ds.checkpoint.formats.FORMATS)")
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +338,7 @@ def single_process_run(tmp_path_factory):
 @pytest.mark.parametrize("name, stage, flags", [("tp2", 1, ["--tensor-parallel", "2"]), ("zero3", 3, [])])
 def test_deepspeed_checkpoint_features_equal_consolidated(setup, tmp_path_factory, single_process_run,
                                                           name, stage, flags):
-    from igpt_ds.pretrained import read_checkpoint, write_checkpoint
+    from igpt_ds.checkpoint.formats import read_checkpoint, write_checkpoint
 
     tmp = tmp_path_factory.mktemp(f"ds_{name}")
     run = _pretrain(tmp, name, 2, stage, flags)

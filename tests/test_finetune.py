@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds.metrics import read_metrics
+from igpt_ds.train.metrics import read_metrics
 from igpt_ds.testing import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +39,9 @@ def planted_images(n=256, side=8, seed=0):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from igpt_ds.checkpoint import save_consolidated
+    from igpt_ds.checkpoint.consolidated import save_consolidated
     from igpt_ds.config import get_preset
-    from igpt_ds.model import IGPTModel
+    from igpt_ds.model.transformer import IGPTModel
 
     root = tmp_path_factory.mktemp("ft")
     cfg = get_preset("igpt-tiny", resolution=8, n_layer=2, d_model=64, n_head=4)
@@ -183,7 +183,7 @@ def test_random_init_keeps_the_architecture_but_not_the_weights(setup, tmp_path,
     from safetensors.torch import load_file
 
     from igpt_ds.config import get_preset
-    from igpt_ds.model import IGPTModel
+    from igpt_ds.model.transformer import IGPTModel
 
     run = tmp_path / "run"
     finetune(1, setup, ["--deepspeed_config", ds_config(tmp_path / "ds.json"), "--lr", "1e-7", "--train-steps", "1",
@@ -203,9 +203,9 @@ def test_random_init_keeps_the_architecture_but_not_the_weights(setup, tmp_path,
 
 def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
     from igpt_ds import finetune
-    from igpt_ds.checkpoint import save_consolidated
+    from igpt_ds.checkpoint.consolidated import save_consolidated
     from igpt_ds.config import get_preset
-    from igpt_ds.model import IGPTModel
+    from igpt_ds.model.transformer import IGPTModel
 
     cfg = ds_config(tmp_path / "ds.json")
     # A checkpoint whose weights are of another architecture than its config says.

@@ -10,10 +10,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 
 import igpt_ds  # noqa: E402
-from igpt_ds import hf  # noqa: E402
+from igpt_ds.checkpoint import hf as hf  # noqa: E402
 from igpt_ds.config import SOS_TOKEN, get_preset  # noqa: E402
-from igpt_ds.model import IGPTModel  # noqa: E402
-from igpt_ds.sharding import full_state_dict  # noqa: E402
+from igpt_ds.model.transformer import IGPTModel  # noqa: E402
+from igpt_ds.parallel.weights import full_state_dict  # noqa: E402
 
 TOL = 1e-4  # the bound (fp32); observed differences are ~1e-6
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from igpt_ds import probe as P
-from igpt_ds.feature_files import FeatureFile, FeatureFileError, FeatureWriter
+from igpt_ds.evaluate import probe as P
+from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError, FeatureWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,10 +152,10 @@ def test_end_to_end_checkpoint_to_probe_json_and_png(tmp_path):
     """A checkpoint -> features (model, raw pixels) -> probe JSON + PNG, every step a CLI in a subprocess."""
     import torch
 
-    from igpt_ds.checkpoint import save_consolidated
+    from igpt_ds.checkpoint.consolidated import save_consolidated
     from igpt_ds.config import get_preset
-    from igpt_ds.model import IGPTModel
-    from igpt_ds.sharding import full_state_dict
+    from igpt_ds.model.transformer import IGPTModel
+    from igpt_ds.parallel.weights import full_state_dict
 
     torch.set_num_threads(1)
     palette = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)

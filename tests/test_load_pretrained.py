@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import igpt_ds
-from igpt_ds import checkpoint
+from igpt_ds.checkpoint import consolidated as checkpoint
 from igpt_ds.config import get_preset
-from igpt_ds.model import IGPTModel
-from igpt_ds.pretrained import expected_shapes, read_checkpoint
-from igpt_ds.sharding import full_state_dict
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.checkpoint.formats import expected_shapes, read_checkpoint
+from igpt_ds.parallel.weights import full_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_config_and_weights_that_disagree(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
     # HF: a tensor whose shape disagrees with config.json is named with both shapes.
-    from igpt_ds import hf
+    from igpt_ds.checkpoint import hf as hf
 
     cfg = model.cfg.replace(norm="rmsnorm", bias=False)
     hf.save_hf(tmp_path / "hf", cfg, full_state_dict(IGPTModel(cfg)))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from igpt_ds.config import get_preset
-from igpt_ds.model import IGPTModel
-from igpt_ds.objectives import bert_mask, bits_per_dim, compute_loss
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.model.losses import bert_mask, bits_per_dim, compute_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_bert_loss_only_on_masked_positions_and_masked_content_zeroed():
     assert not torch.allclose(model(flipped, mask)[0, 0], model(tokens, mask)[0, 0])
     # Loss only on masked positions: gradient w.r.t. logits is zero elsewhere.
     logits = model(tokens, mask).detach().requires_grad_(True)
-    from igpt_ds.objectives import token_losses
+    from igpt_ds.model.losses import token_losses
     losses = token_losses(logits, tokens)
     ((losses * mask).sum() / mask.sum()).backward()
     assert torch.count_nonzero(logits.grad[~mask]) == 0
@@ -143,7 +143,7 @@ def test_bad_tokens_refused_before_compute(make_tokens, message, monkeypatch):
 def test_plain_python_process_without_launcher():
     code = (
         "import torch, igpt_ds\n"
-        "from igpt_ds.model import IGPTModel\n"
+        "from igpt_ds.model.transformer import IGPTModel\n"
         "m = IGPTModel(igpt_ds.get_preset('igpt-tiny', resolution=4))\n"
         "print(tuple(m(torch.zeros(2, 16, dtype=torch.long)).shape))\n"
     )

@@ -1,7 +1,7 @@
 import pytest
 
 from igpt_ds.config import get_preset
-from igpt_ds.parallel import ParallelLayout
+from igpt_ds.parallel.layout import ParallelLayout
 
 
 def test_rank_order_tp_fastest_then_dp_then_pp():

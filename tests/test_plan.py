@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from igpt_ds.config import PRESETS, get_preset
-from igpt_ds.parallel import ParallelLayout
-from igpt_ds.plan import (PlanInput, gib, largest_layer_parameters, model_state_bytes, plan, search,
+from igpt_ds.parallel.layout import ParallelLayout
+from igpt_ds.planning.plan import (PlanInput, gib, largest_layer_parameters, model_state_bytes, plan, search,
                           stage_parameters)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def test_parameter_count_matches_config(name):
 def test_parameter_counts_match_the_real_model(overrides):
     from deepspeed.runtime.zero.stage3 import model_to_params
 
-    from igpt_ds.model import IGPTModel
+    from igpt_ds.model.transformer import IGPTModel
 
     cfg = get_preset("igpt-tiny", **overrides)
     model = IGPTModel(cfg)
@@ -88,7 +88,7 @@ def test_all_live_estimator_prints_the_same_figures():
     """``..._all_live`` walks a real model and prints; its no-offload row is our figure in GB."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
 
-    from igpt_ds.model import IGPTModel
+    from igpt_ds.model.transformer import IGPTModel
 
     cfg = get_preset("igpt-tiny")
     buf = io.StringIO()
@@ -114,7 +114,7 @@ def test_fp32_states_and_zero_sharding():
 @pytest.mark.parametrize("attention, checkpointing, bound", [
     ("flash", False, 0.10), ("flash", True, 0.10), ("math", False, 0.15)])
 def test_prediction_matches_measured_peak(attention, checkpointing, bound):
-    from igpt_ds.memory import measure_train_step
+    from igpt_ds.planning.memory import measure_train_step
 
     cfg = get_preset("igpt-tiny")
     measured = measure_train_step(cfg, micro_batch=2, activation_checkpointing=checkpointing, attention=attention)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from igpt_ds.metrics import read_metrics
+from igpt_ds.train.metrics import read_metrics
 from igpt_ds.testing import free_port, launch
 
 ROOT = Path(__file__).resolve().parents[1]

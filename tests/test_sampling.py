@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds import parallel
+from igpt_ds.parallel import layout as parallel
 from igpt_ds.config import get_preset
-from igpt_ds.model import IGPTModel
-from igpt_ds.sampling import complete, filter_logits, generate, image_grid, sample
-from igpt_ds.sharding import full_state_dict, load_full_state_dict
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.evaluate.sampling import complete, filter_logits, generate, image_grid, sample
+from igpt_ds.parallel.weights import full_state_dict, load_full_state_dict
 from igpt_ds.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +132,10 @@ def sample_main():
 
 def test_sample_cli_grid(tmp_path, capsys):
     palette_mod = pytest.importorskip("igpt_ds.palette")
-    pytest.importorskip("igpt_ds.sources")
+    pytest.importorskip("igpt_ds.data.sources")
     from PIL import Image
 
-    from igpt_ds import checkpoint
+    from igpt_ds.checkpoint import consolidated as checkpoint
 
     rng = np.random.default_rng(0)
     palette = rng.uniform(-1, 1, (512, 3)).astype(np.float32)

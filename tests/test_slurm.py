@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from igpt_ds.parallel import ParallelLayout
+from igpt_ds.parallel.layout import ParallelLayout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = os.path.join(ROOT, "slurm")

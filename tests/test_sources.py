@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt_ds.sources import BadImageError, open_source
+from igpt_ds.data.sources import BadImageError, open_source
 
 
 def images(n, seed=0, size=32):

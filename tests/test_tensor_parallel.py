@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from igpt_ds import parallel
+from igpt_ds.parallel import layout as parallel
 from igpt_ds.config import get_preset
-from igpt_ds.model import IGPTModel
-from igpt_ds.objectives import bert_mask, compute_loss
-from igpt_ds.sharding import full_state_dict, load_full_state_dict, shard, unshard
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.model.losses import bert_mask, compute_loss
+from igpt_ds.parallel.weights import full_state_dict, load_full_state_dict, shard, unshard
 from igpt_ds.testing import run_ranks
 
 TOL = 1e-5  # fp32: TP only reorders sums (partial products all-reduced), errors are ~1e-7

@@ -61,9 +61,9 @@ def write_section(path: str, target: str, text: str) -> None:
 
 
 def run_data(args) -> str:
-    from igpt_ds.data_benchmark import compare_quantizers, gpu_consumption, load_images, loader_throughput
+    from igpt_ds.planning.bench_data import compare_quantizers, gpu_consumption, load_images, loader_throughput
     from igpt_ds.palette import fit_palette, load_palette
-    from igpt_ds.sources import open_source, sample_pixels
+    from igpt_ds.data.sources import open_source, sample_pixels
 
     source = open_source(args.data, args.split)
     images = load_images(source, args.images, args.resolution)
@@ -113,7 +113,7 @@ loader, so the margin holds per GPU at any DP size).
 def run_model(args) -> str:
     import torch
 
-    from igpt_ds.model_benchmark import hugging_face, ours
+    from igpt_ds.planning.bench_model import hugging_face, ours
 
     r = ours(args.model, args.resolution, args.deepspeed_config, args.steps, args.warmup, args.tensor_parallel,
              args.pipeline_parallel, args.activation_checkpointing, args.peak_tflops)

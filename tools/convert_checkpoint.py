@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-TARGETS = ["consolidated", "hf", "deepspeed"]  # formats with a writer in igpt_ds.pretrained.FORMATS
+TARGETS = ["consolidated", "hf", "deepspeed"]  # formats with a writer in igpt_ds.checkpoint.formats.FORMATS
 
 
 def main(argv=None) -> int:
@@ -54,13 +54,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from igpt_ds.pretrained import read_checkpoint, write_checkpoint
+    from igpt_ds.checkpoint.formats import read_checkpoint, write_checkpoint
 
     try:
         config, state_dict, palette, fmt = read_checkpoint(args.src)
         options = {}
         if args.to in ("deepspeed", "consolidated"):
-            from igpt_ds.pretrained import training_step
+            from igpt_ds.checkpoint.formats import training_step
 
             options = dict(step=training_step(args.src), source=os.path.abspath(args.src))
         if args.to == "deepspeed":

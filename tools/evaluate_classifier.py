@@ -43,13 +43,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from igpt_ds.finetuning import evaluate_export, is_shard_dir, load_classifier, write_report
+    from igpt_ds.train.classify import evaluate_export, is_shard_dir, load_classifier, write_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, cfg, palette, info = load_classifier(args.checkpoint, device=device)
         if is_shard_dir(args.data):
-            from igpt_ds.data import build_loader
+            from igpt_ds.data.tokens import build_loader
             from igpt_ds.palette import palette_sha256
 
             loader = build_loader(args.data, batch_size=args.batch_size, dp_rank=0, dp_world_size=1,
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         else:
             if palette is None:
                 raise ValueError(f"{args.checkpoint} carries no palette.npy; it is needed to quantize {args.data}")
-            from igpt_ds.augment import ImageLoader
-            from igpt_ds.sources import open_source
+            from igpt_ds.data.images import ImageLoader
+            from igpt_ds.data.sources import open_source
 
             source = open_source(args.data, args.split, val_fraction=args.val_fraction, split_seed=args.split_seed)
             loader = ImageLoader(source, palette, cfg.resolution, batch_size=args.batch_size, dp_rank=0,

@@ -6,7 +6,7 @@
 
 The checkpoint is anything igpt_ds.load_pretrained reads (a consolidated export, a Hugging Face
 ImageGPT directory, a DeepSpeed checkpoint directory where supported). Images from --data (CIFAR-10/100,
-STL-10, .npz, image folders; see igpt_ds.sources) are centre-cropped, resized to the model
+STL-10, .npz, image folders; see igpt_ds.data.sources) are centre-cropped, resized to the model
 resolution and quantized with the palette the model was trained with; --shards DIR reads
 pre-quantized shards instead (their manifest's palette hash must match). A checkpoint that
 carries no palette needs --palette FILE, checked against the hash the checkpoint records.
@@ -121,8 +121,8 @@ def build_model(args, device):
 
     import igpt_ds
     from igpt_ds.config import get_preset
-    from igpt_ds.features import recorded_palette_sha256, resolve_palette
-    from igpt_ds.model import IGPTModel
+    from igpt_ds.evaluate.features import recorded_palette_sha256, resolve_palette
+    from igpt_ds.model.transformer import IGPTModel
 
     dtype = getattr(torch, DTYPES[args.dtype])
     if dtype == torch.float16 and device.type == "cpu":
@@ -150,7 +150,7 @@ def extract(args) -> str:
     import numpy as np
     import torch
 
-    from igpt_ds import features as F
+    from igpt_ds.evaluate import features as F
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,15 +159,15 @@ def extract(args) -> str:
     model, cfg, palette, sha, how = build_model(args, device)
     r = cfg.resolution
     if args.data:
-        from igpt_ds.sources import open_source
+        from igpt_ds.data.sources import open_source
 
         source = open_source(args.data, args.split, val_fraction=args.val_fraction, split_seed=args.split_seed)
         total, label_names = len(source), list(source.label_names)
         origin = {"data": os.path.abspath(args.data), "split": args.split, "val_fraction": args.val_fraction,
                   "split_seed": args.split_seed, "name": source.name}
     else:
-        from igpt_ds.data import resolve_source
-        from igpt_ds.shards import check_manifest
+        from igpt_ds.data.tokens import resolve_source
+        from igpt_ds.data.shards import check_manifest
 
         specs, manifests = resolve_source(args.shards)
         for man in manifests:
@@ -223,7 +223,7 @@ def extract(args) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from igpt_ds.features import FeatureFileError
+    from igpt_ds.evaluate.features import FeatureFileError
 
     try:
         if argv and argv[0] == "merge":
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
 
 
 def merge(out: str, parts: list) -> int:
-    from igpt_ds.features import find_parts, merge_feature_files
+    from igpt_ds.evaluate.features import find_parts, merge_feature_files
 
     parts = parts or find_parts(out)
     path = merge_feature_files(parts, out)

@@ -73,8 +73,8 @@ def probe_files(train_path: str, test_path: str, layer_spec: str, args, log=prin
     """Per-layer probe results of a train/test pair of feature files (the JSON's core)."""
     import numpy as np
 
-    from igpt_ds.feature_files import parse_layers
-    from igpt_ds.probe import check_layers, load_pair, probe
+    from igpt_ds.evaluate.feature_files import parse_layers
+    from igpt_ds.evaluate.probe import check_layers, load_pair, probe
 
     train, test = load_pair(train_path, test_path)
     n_layer = (train.meta.get("model") or {}).get("n_layer")
@@ -126,7 +126,7 @@ def load_baseline(spec: str, args) -> tuple[str, dict]:
 def run(args) -> dict:
     import numpy as np
 
-    from igpt_ds.probe import concat_window, low_data_probe, plot_depth, probe, summarize
+    from igpt_ds.evaluate.probe import concat_window, low_data_probe, plot_depth, probe, summarize
 
     t_start = time.perf_counter()
     log = (lambda *a, **k: None) if args.quiet else print
@@ -190,7 +190,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from igpt_ds.feature_files import FeatureFileError
+    from igpt_ds.evaluate.feature_files import FeatureFileError
 
     try:
         result = run(args)

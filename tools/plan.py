@@ -32,8 +32,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from igpt_ds.config import PRESETS, ModelConfig, get_preset  # noqa: E402
-from igpt_ds.parallel import ParallelLayout  # noqa: E402
-from igpt_ds.plan import RANKING_RULE, PlanInput, gib, plan, search, what_would_fit  # noqa: E402
+from igpt_ds.parallel.layout import ParallelLayout  # noqa: E402
+from igpt_ds.planning.plan import RANKING_RULE, PlanInput, gib, plan, search, what_would_fit  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +148,7 @@ def _fitting_hint(base: PlanInput, gpus: int) -> str:
 
 def measure(args, base: PlanInput) -> int:
     """Predicted vs measured peak of one training step on one device (the planner-accuracy check)."""
-    from igpt_ds.memory import measure_train_step
+    from igpt_ds.planning.memory import measure_train_step
 
     if base.precision != "fp32":
         raise ValueError("--measure runs an fp32 step (plain torch Adam): add --precision fp32")

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from igpt_ds.metrics import read_metrics  # noqa: E402
+from igpt_ds.train.metrics import read_metrics  # noqa: E402
 
 
 def _points(records: list[dict], key: str, scale: float = 1.0) -> list[tuple]:

@@ -43,7 +43,7 @@ def run(cmd: list[str], log: list, env: dict) -> None:
 
 def check_data(path: str, split: str) -> int:
     """Fail early, saying what was expected, when --data is missing or unreadable."""
-    from igpt_ds.sources import open_source
+    from igpt_ds.data.sources import open_source
 
     if not os.path.exists(path):
         raise SystemExit(f"error: --data {path} does not exist. Expected an image source: a CIFAR-10 "
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
 
 def summarize(out: str, args, log: list, seconds: float) -> dict:
-    from igpt_ds.metrics import read_metrics
+    from igpt_ds.train.metrics import read_metrics
 
     records = read_metrics(f"{out}/checkpoints/metrics.jsonl")
     val = [r for r in records if r.get("val_loss") is not None]

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 def load_images(path: str, split: str, count: int, resolution: int) -> np.ndarray:
     """The first ``count`` images of a source, centre-cropped and resized to ``resolution``: uint8 (N, r, r, 3)."""
-    from igpt_ds.sources import open_source
+    from igpt_ds.data.sources import open_source
 
     source = open_source(path, split)
     if len(source) == 0:
@@ -43,7 +43,7 @@ def load_images(path: str, split: str, count: int, resolution: int) -> np.ndarra
     for i in range(min(count, len(source))):
         image = np.asarray(source[i][0], dtype=np.uint8)
         if image.shape[:2] != (resolution, resolution):
-            from igpt_ds.shards import resize_view  # the transform the shards were built with
+            from igpt_ds.data.shards import resize_view  # the transform the shards were built with
 
             image = resize_view(image, resolution, "center")
         images.append(image)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     import igpt_ds
     from igpt_ds.palette import dequantize, load_palette, quantize
-    from igpt_ds.sampling import complete, image_grid, sample
+    from igpt_ds.evaluate.sampling import complete, image_grid, sample
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from igpt_ds.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
 META_FILE = "igpt_meta.json"
@@ -56,7 +56,7 @@ def _rank_env() -> dict:
 
 
 def _settings(meta: dict, layout):
-    from .ds_config import DSSettings
+    from igpt_ds.train.ds_config import DSSettings
 
     ds = dict(meta["ds_config"])
     return DSSettings(path="<checkpoint>", config=ds, zero_stage=int(meta["zero_stage"]), precision=meta["precision"],
@@ -71,9 +71,9 @@ def _engine_for(meta: dict, tensor_parallel: int, pipeline_parallel: int, weight
     ``weights`` (full state dict) are copied in before ``deepspeed.initialize``, which is when
     16-bit and ZeRO engines take their fp32 master copies.
     """
-    from . import parallel
-    from .schedule import WarmupCosine
-    from .trainer import build_engine, build_model
+    from igpt_ds.parallel import layout as parallel
+    from igpt_ds.train.schedule import WarmupCosine
+    from igpt_ds.train.loop import build_engine, build_model
 
     cfg = ModelConfig.from_dict(meta["model"])
     state = parallel.initialize(tensor_parallel, pipeline_parallel, model=cfg, backend="gloo")
@@ -89,8 +89,8 @@ def _engine_for(meta: dict, tensor_parallel: int, pipeline_parallel: int, weight
 def _copy_full_weights(module, full: dict, state, pipelined: bool, n_layer: int) -> None:
     import deepspeed
 
-    from .pipeline import pipe_to_model_name
-    from .sharding import is_tp_sharded, shard
+    from igpt_ds.model.pipeline import pipe_to_model_name
+    from igpt_ds.parallel.weights import is_tp_sharded, shard
 
     named = list(module.named_parameters())
     zero3 = any(hasattr(p, "ds_id") for _, p in named)
@@ -110,8 +110,8 @@ def _full_tensors(engine, state, pipelined: bool, n_layer: int) -> dict[str, tor
     """Gather this stage's parameters to full (TP = 1) tensors; every rank must call it."""
     import deepspeed
 
-    from .pipeline import pipe_to_model_name
-    from .sharding import is_tp_sharded, unshard
+    from igpt_ds.model.pipeline import pipe_to_model_name
+    from igpt_ds.parallel.weights import is_tp_sharded, unshard
 
     named = list(engine.module.named_parameters())
     out = {}
@@ -158,7 +158,7 @@ def load_deepspeed(path: PathLike, device: Union[str, torch.device] = "cpu"
     """
     from safetensors.torch import load_file
 
-    from .spawn import run_ranks
+    from igpt_ds.parallel.spawn import run_ranks
 
     found = find_checkpoint(path)
     if found is None or "ds_config" not in found[2]:
@@ -174,7 +174,7 @@ def load_deepspeed(path: PathLike, device: Union[str, torch.device] = "cpu"
             sd.update(load_file(str(file), device=str(device)))
     palette = None
     if (root / "palette.npy").is_file():
-        from .palette import load_palette, palette_sha256
+        from igpt_ds.palette import load_palette, palette_sha256
 
         palette = load_palette(root / "palette.npy")
         if meta.get("palette_sha256") and palette_sha256(palette) != meta["palette_sha256"]:
@@ -186,7 +186,7 @@ def load_deepspeed(path: PathLike, device: Union[str, torch.device] = "cpu"
 def _reshard_rank(rank: int, world: int, weights_file: str, meta: dict, out_dir: str) -> int:
     from safetensors.torch import load_file
 
-    from .trainer import checkpoint_meta, set_schedule_step, write_checkpoint
+    from igpt_ds.train.loop import checkpoint_meta, set_schedule_step, write_checkpoint
 
     full = load_file(weights_file)
     cfg, state, ds, engine, scheduler = _engine_for(meta, meta["tensor_parallel"], meta["pipeline_parallel"], full)
@@ -204,15 +204,15 @@ def save_deepspeed(path: PathLike, config: ModelConfig, state_dict: dict[str, to
     """Write full weights as a DeepSpeed checkpoint for DP x TP x PP (resharding), atomically."""
     from safetensors.torch import save_file
 
-    from .ds_config import load_ds_config
-    from .parallel import ParallelLayout
-    from .spawn import run_ranks
+    from igpt_ds.train.ds_config import load_ds_config
+    from igpt_ds.parallel.layout import ParallelLayout
+    from igpt_ds.parallel.spawn import run_ranks
 
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
     world = tensor_parallel * pipeline_parallel * data_parallel
-    default = Path(__file__).resolve().parents[1] / "ds_configs" / (
+    default = Path(__file__).resolve().parents[2] / "ds_configs" / (
         "zero1_pipe_fp32.json" if pipeline_parallel > 1 else "zero0_fp32.json")
     ds = load_ds_config(ds_config or str(default), data_parallel, pipeline_parallel)
     ParallelLayout(world, tensor_parallel, pipeline_parallel).validate(config, ds.zero_stage)
@@ -220,7 +220,7 @@ def save_deepspeed(path: PathLike, config: ModelConfig, state_dict: dict[str, to
             "zero_stage": ds.zero_stage, "precision": ds.precision, "ds_config": ds.config, "step": step,
             "converted_from": source, "optimizer_restarted": True, "palette_sha256": None}
     if palette is not None:
-        from .palette import palette_sha256
+        from igpt_ds.palette import palette_sha256
 
         meta["palette_sha256"] = palette_sha256(palette)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
-from .parallel import gather_last_dim, init_distributed
+from igpt_ds.config import ModelConfig
+from igpt_ds.parallel.layout import gather_last_dim, init_distributed
 
 
 def _normal(std: float):
@@ -41,7 +41,7 @@ def resolve_tp_group(tp_group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup
         return tp_group
     init_distributed(backend="gloo")
     if dist.get_world_size() != 1:
-        raise ValueError("a multi-rank run must pass tp_group (from igpt_ds.parallel.initialize(...).tp_group)")
+        raise ValueError("a multi-rank run must pass tp_group (from igpt_ds.parallel.layout.initialize(...).tp_group)")
     return dist.group.WORLD
 
 

@@ -8,18 +8,18 @@ from typing import Optional
 
 import numpy as np
 
-from .config import get_preset
-from .data import build_loader
-from .palette import quantize
-from .shards import BuildSettings, build_shards
-from .sources import ImageSource
+from igpt_ds.config import get_preset
+from igpt_ds.data.tokens import build_loader
+from igpt_ds.palette import quantize
+from igpt_ds.data.shards import BuildSettings, build_shards
+from igpt_ds.data.sources import ImageSource
 
 H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM datasheet, dense (no sparsity)
 
 
 def load_images(source: ImageSource, count: int = 0, resolution: int = 32) -> np.ndarray:
     """The first ``count`` images (0: all) of ``source`` at ``resolution`` (centre crop), uint8 (N, R, R, 3)."""
-    from .shards import resize_view
+    from igpt_ds.data.shards import resize_view
 
     n = len(source) if count <= 0 else min(count, len(source))
     return np.stack([resize_view(source[i][0], resolution, "center") for i in range(n)])
@@ -61,7 +61,7 @@ def loader_throughput(images: np.ndarray, labels: np.ndarray, palette: np.ndarra
 
     Runs whole epochs until ``min_samples`` are read; the time includes each epoch's worker start.
     """
-    from .sources import open_source
+    from igpt_ds.data.sources import open_source
 
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(os.path.join(tmp, "bench.npz"), images=images, labels=labels)

@@ -1,4 +1,4 @@
-"""Measured memory of one training step, to check the planner (:mod:`igpt_ds.plan`) against.
+"""Measured memory of one training step, to check the planner (:mod:`igpt_ds.planning.plan`) against.
 
 On CUDA the figure is ``torch.cuda.max_memory_allocated``. On CPU there is no allocator
 statistic, so :class:`LiveTensorBytes` counts it: a ``TorchDispatchMode`` that sees every tensor
@@ -6,7 +6,7 @@ an operator returns, adds its storage's bytes once, and subtracts them when the 
 (a weak reference's callback). Its peak is the largest sum of live tensor storages, what
 ``max_memory_allocated`` reports minus the caching allocator's rounding.
 
-    from igpt_ds.memory import measure_train_step
+    from igpt_ds.planning.memory import measure_train_step
     m = measure_train_step(get_preset("igpt-tiny"), micro_batch=2, activation_checkpointing=True)
     m["peak"], m["activations"]     # bytes
 """
@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import ModelConfig
+from igpt_ds.config import ModelConfig
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -88,8 +88,8 @@ def measure_train_step(cfg: ModelConfig, micro_batch: int, activation_checkpoint
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .model import IGPTModel
-    from .objectives import bert_mask, compute_loss
+    from igpt_ds.model.transformer import IGPTModel
+    from igpt_ds.model.losses import bert_mask, compute_loss
 
     torch.manual_seed(seed)
     cfg = cfg.replace(activation_checkpointing=activation_checkpointing)

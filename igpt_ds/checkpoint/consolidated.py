@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from igpt_ds.config import ModelConfig
 
 FORMAT = "igpt-ds-consolidated"
 VERSION = 1
@@ -79,7 +79,7 @@ def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str,
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         palette_hash = None
         if palette is not None:
-            from .palette import palette_sha256  # the data pipeline's hash: the one manifests carry
+            from igpt_ds.palette import palette_sha256  # the data pipeline's hash: the one manifests carry
 
             palette_hash = palette_sha256(palette)
         meta = {"format": FORMAT, "version": VERSION, "model": config.to_dict(), "palette_sha256": palette_hash,
@@ -117,7 +117,7 @@ def load_consolidated(path: PathLike, device: Union[str, torch.device] = "cpu"
     weights = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
     palette = None
     if (Path(path) / PALETTE_FILE).is_file():
-        from .palette import load_palette
+        from igpt_ds.palette import load_palette
 
         palette = load_palette(Path(path) / PALETTE_FILE)
     return config, weights, palette, meta

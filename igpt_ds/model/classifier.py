@@ -4,7 +4,7 @@
     clf_logits = clf(mean_s(n))       [b, C]      zero-initialised linear layer, replicated on TP ranks
     loss = gen_weight * L_GEN + L_CLF             L_GEN: the pretraining objective (AR or BERT-masked)
 
-Parameter names: those of :class:`igpt_ds.model.IGPTModel` plus ``clf.weight`` [C, d] and
+Parameter names: those of :class:`igpt_ds.model.transformer.IGPTModel` plus ``clf.weight`` [C, d] and
 ``clf.bias`` [C]; a consolidated export carries them under these names. In a pipeline the head
 stage holds them as ``<L+1>.clf.weight`` (mapped by :func:`model_param_name`).
 """
@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .model import Head, IGPTModel
-from .objectives import token_losses
+from igpt_ds.config import ModelConfig
+from igpt_ds.model.transformer import Head, IGPTModel
+from igpt_ds.model.losses import token_losses
 
 CLF_PARAMS = ("clf.weight", "clf.bias")
 
@@ -131,7 +131,7 @@ def model_param_name(name: str, n_layer: int, pipelined: bool) -> str:
     """The plain model's name of a (possibly pipeline) parameter: ``<L+1>.clf.weight`` -> ``clf.weight``."""
     if not pipelined:
         return name
-    from .pipeline import pipe_to_model_name
+    from igpt_ds.model.pipeline import pipe_to_model_name
 
     full = pipe_to_model_name(name, n_layer)
     return full[len("final."):] if full.startswith("final.clf.") else full

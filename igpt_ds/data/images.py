@@ -4,10 +4,10 @@ Augmentations of the paper (applied to the uint8 image, before the palette):
   - ``cifar``: 4-pixel reflection padding, a random crop of the original size, a horizontal flip
     with probability 1/2 (then resized to the model resolution if it differs);
   - ``random-resized-crop``: the ImageNet-style random square crop of
-    :func:`igpt_ds.shards.resize_view` (``crop="random-resized"``), resized to the model resolution;
+    :func:`igpt_ds.data.shards.resize_view` (``crop="random-resized"``), resized to the model resolution;
   - ``none``: the evaluation transform, a centre crop of the shorter side resized to the resolution.
 
-:class:`ImageLoader` reads any :func:`igpt_ds.sources.open_source` source, augments and quantizes
+:class:`ImageLoader` reads any :func:`igpt_ds.data.sources.open_source` source, augments and quantizes
 (with :func:`igpt_ds.palette.quantize`, the quantizer the shard builder uses) inside DataLoader
 workers, and splits each epoch by DATA-parallel rank: every DP rank yields the same number of
 batches, all TP/PP ranks of a replica get the same ones. A sample's augmentation is seeded by
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .palette import palette_sha256, quantize
-from .shards import resize_view
-from .sources import ImageSource, SubsetSource
+from igpt_ds.palette import palette_sha256, quantize
+from igpt_ds.data.shards import resize_view
+from igpt_ds.data.sources import ImageSource, SubsetSource
 
 AUGMENTATIONS = ("cifar", "random-resized-crop", "none")
 

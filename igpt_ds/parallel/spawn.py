@@ -45,7 +45,7 @@ def _rank_main(fn, rank, world, port, args, env, queue):
     finally:
         try:
             if "megatron.core" in sys.modules:  # importing megatron-core just to tear down costs seconds
-                from . import parallel
+                from igpt_ds.parallel import layout as parallel
 
                 parallel.destroy()
             elif dist.is_initialized():

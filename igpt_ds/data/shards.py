@@ -36,9 +36,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .config import NUM_COLORS
-from .palette import palette_sha256, quantize
-from .sources import BadImageError, ImageSource, open_source
+from igpt_ds.config import NUM_COLORS
+from igpt_ds.palette import palette_sha256, quantize
+from igpt_ds.data.sources import BadImageError, ImageSource, open_source
 
 MANIFEST_NAME = "dataset.json"
 PROGRESS_NAME = ".build-progress.json"
@@ -376,7 +376,7 @@ def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, setting
         open_args = open_args or source.open_args
         if not open_args:
             raise ValueError("workers > 1 needs open_args (how worker processes reopen the source): "
-                             "open the source with igpt_ds.sources.open_source")
+                             "open the source with igpt_ds.data.sources.open_source")
         import multiprocessing as mp
 
         # spawn, not fork: a forked child of a process that already ran torch ops can deadlock.

@@ -36,8 +36,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .checkpoint import atomic_directory
-from .config import ModelConfig
+from igpt_ds.checkpoint.consolidated import atomic_directory
+from igpt_ds.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
 MODEL_TYPE = "imagegpt"

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import NUM_COLORS
-from .shards import LABEL_EXT, MANIFEST_NAME, TOKENS_EXT, Manifest, ShardError, check_manifest, read_manifest
+from igpt_ds.config import NUM_COLORS
+from igpt_ds.data.shards import LABEL_EXT, MANIFEST_NAME, TOKENS_EXT, Manifest, ShardError, check_manifest, read_manifest
 
 __all__ = ["build_loader", "read_manifest", "TokenLoader", "ShardSpec", "epoch_segments", "ShardError"]
 

@@ -43,7 +43,7 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, tp_size: int = 1) 
     if tp_size > 1:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        # megatron's vocab-parallel CE reads the TP group from parallel_state (igpt_ds.parallel.initialize)
+        # megatron's vocab-parallel CE reads the TP group from parallel_state (igpt_ds.parallel.layout.initialize)
         return vocab_parallel_cross_entropy(logits.float(), targets)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
@@ -66,7 +66,7 @@ def compute_loss(model, tokens: torch.Tensor, mask: Optional[torch.Tensor] = Non
     if objective == "ar":
         return LossOutput(losses.mean(), losses.numel())
     if mask is None:
-        raise ValueError("the BERT objective needs a mask: igpt_ds.objectives.bert_mask(tokens.shape, p)")
+        raise ValueError("the BERT objective needs a mask: igpt_ds.model.losses.bert_mask(tokens.shape, p)")
     weights = mask.to(losses.dtype)
     n = int(mask.sum())
     return LossOutput((losses * weights).sum() / max(n, 1), n)

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import ModelConfig
-from .model import Block, Embedding, Head
-from .objectives import token_losses
+from igpt_ds.config import ModelConfig
+from igpt_ds.model.transformer import Block, Embedding, Head
+from igpt_ds.model.losses import token_losses
 
 
 class EmbeddingPipe(Embedding):
@@ -55,7 +55,7 @@ def build_pipeline_module(cfg: ModelConfig, tp_group: dist.ProcessGroup, pipelin
     """A PipelineModule over DP x TP x PP whose rank order equals megatron-core's (TP fastest, then DP, PP).
 
     ``head_cls(cfg, tp_group, *head_args)`` replaces :class:`HeadPipe` and ``loss_fn`` the
-    pretraining loss (fine-tuning's class head; see :mod:`igpt_ds.classifier`).
+    pretraining loss (fine-tuning's class head; see :mod:`igpt_ds.model.classifier`).
     """
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology

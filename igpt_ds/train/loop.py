@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import parallel
-from .config import ModelConfig, get_preset
-from .ds_config import DSSettings, load_ds_config
-from .metrics import GPUMonitor, MetricsWriter, peak_flops, peak_memory_bytes
-from .objectives import bert_mask, bits_per_dim, compute_loss
-from .schedule import WarmupCosine
+from igpt_ds.parallel import layout as parallel
+from igpt_ds.config import ModelConfig, get_preset
+from igpt_ds.train.ds_config import DSSettings, load_ds_config
+from igpt_ds.train.metrics import GPUMonitor, MetricsWriter, peak_flops, peak_memory_bytes
+from igpt_ds.model.losses import bert_mask, bits_per_dim, compute_loss
+from igpt_ds.train.schedule import WarmupCosine
 
 META_FILE = "igpt_meta.json"
 
@@ -142,11 +142,11 @@ def build_model(cfg: ModelConfig, state: parallel.ParallelState, ds: DSSettings,
     torch.manual_seed(seed)
     layout = state.layout
     if layout.pipeline_parallel > 1:
-        from .pipeline import build_pipeline_module
+        from igpt_ds.model.pipeline import build_pipeline_module
 
         return build_pipeline_module(cfg, state.tp_group, layout.pipeline_parallel, layout.tensor_parallel,
                                      layout.data_parallel, seed=seed, **(pipeline_options or {}))
-    from .model import IGPTModel
+    from igpt_ds.model.transformer import IGPTModel
 
     init = deepspeed.zero.Init(data_parallel_group=state.dp_group, config_dict_or_path=ds.config,
                                mpu=parallel.DeepSpeedMPU(state)) if ds.zero_stage == 3 else contextlib.nullcontext()
@@ -267,16 +267,16 @@ class Trainer:
     def _loader(self, source: tuple, train: bool):
         args, micro = self.args, self.ds.micro_batch_size
         if tuple(source) == ("synthetic",):
-            from .synthetic import SyntheticLoader
+            from igpt_ds.data.synthetic import SyntheticLoader
 
             return SyntheticLoader(batch_size=micro, dp_rank=self.state.dp_rank,
                                    dp_world_size=self.layout.data_parallel, resolution=self.cfg.resolution,
                                    seed=args.seed + (0 if train else 10 ** 6))
-        from .data import build_loader
+        from igpt_ds.data.tokens import build_loader
 
         expected = None
         if args.palette:
-            from .palette import load_palette, palette_sha256
+            from igpt_ds.palette import load_palette, palette_sha256
 
             expected = palette_sha256(load_palette(args.palette))
         elif not train:

@@ -6,8 +6,8 @@ cosine schedule (linear warm-up, then constant), early stopping; the best rate i
 than pretraining's. BERT models: the pretraining masking during training; at evaluation K masks and
 the modal prediction.
 
-Composed from the pretraining pieces (:mod:`igpt_ds.trainer`): the same layout checks, parallel
-groups, ``build_model`` (with :class:`igpt_ds.classifier.IGPTClassifier` / its pipeline head),
+Composed from the pretraining pieces (:mod:`igpt_ds.train.loop`): the same layout checks, parallel
+groups, ``build_model`` (with :class:`igpt_ds.model.classifier.IGPTClassifier` / its pipeline head),
 ``build_engine``, ``write_checkpoint``. Outputs under ``--save``:
 
     SAVE/global_stepN/, SAVE/latest   DeepSpeed checkpoint of the newest evaluation (resume with --load)
@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import parallel
-from .classifier import (CLF_PARAMS, ClassifierHeadPipe, IGPTClassifier, PipelineFinetuneLoss, finetune_loss,
+from igpt_ds.parallel import layout as parallel
+from igpt_ds.model.classifier import (CLF_PARAMS, ClassifierHeadPipe, IGPTClassifier, PipelineFinetuneLoss, finetune_loss,
                          model_param_name)
-from .config import ModelConfig
-from .objectives import bert_mask
-from .schedule import WarmupCosine
+from igpt_ds.config import ModelConfig
+from igpt_ds.model.losses import bert_mask
+from igpt_ds.train.schedule import WarmupCosine
 
 BEST_LINK = "best"
 
@@ -88,7 +88,7 @@ def split_pretrained(sd: dict) -> tuple[dict, dict]:
 def read_init(path: str) -> tuple[ModelConfig, dict, Optional[np.ndarray], dict]:
     """(config, full weights, palette, metadata) of any checkpoint ``read_checkpoint`` reads; a fine-tuned
     export's ``clf.*`` are kept (the backbone is checked against the config, the head by the caller)."""
-    from .pretrained import check_state_dict, detect_format
+    from igpt_ds.checkpoint.formats import check_state_dict, detect_format
 
     fmt = detect_format(path)
     cfg, sd, palette, meta = fmt.read(path, device="cpu")
@@ -98,13 +98,13 @@ def read_init(path: str) -> tuple[ModelConfig, dict, Optional[np.ndarray], dict]
 
 
 def is_shard_dir(path: str) -> bool:
-    from .shards import MANIFEST_NAME
+    from igpt_ds.data.shards import MANIFEST_NAME
 
     return os.path.isfile(os.path.join(path, MANIFEST_NAME)) or os.path.basename(path) == MANIFEST_NAME
 
 
 def open_images(path: str, split: str, val_fraction: float, split_seed: int):
-    from .sources import open_source
+    from igpt_ds.data.sources import open_source
 
     return open_source(path, split, val_fraction=val_fraction, split_seed=split_seed)
 
@@ -173,8 +173,8 @@ def _atomic_symlink(target: str, link: Path) -> None:
 
 class Finetuner:
     def __init__(self, args: FinetuneArgs):
-        from .ds_config import load_ds_config
-        from .trainer import build_engine, build_model, check_compatible, read_checkpoint_meta
+        from igpt_ds.train.ds_config import load_ds_config
+        from igpt_ds.train.loop import build_engine, build_model, check_compatible, read_checkpoint_meta
 
         self.args = args
         if not args.init and not args.load:
@@ -196,7 +196,7 @@ class Finetuner:
                 raise ValueError(f"--load {args.load}: {tag} is not a fine-tuning checkpoint (no 'finetune' in its "
                                  f"igpt_meta.json); to start from a pretrained run use --init {args.load}")
             self.resume_meta = meta
-            from .palette import load_palette
+            from igpt_ds.palette import load_palette
 
             palette = load_palette(Path(args.load) / "palette.npy") if (Path(args.load) / "palette.npy").is_file() \
                 else None
@@ -275,7 +275,7 @@ class Finetuner:
         schedule = WarmupCosine(args.warmup_steps, self.total_steps, 0.0, decay=False)  # paper: no cosine
         self.engine, self.scheduler = build_engine(module, self.state, self.ds, args.lr, schedule)
         self.step, self.best_acc, self.best_step, self.bad_evals = 0, -1.0, 0, 0
-        from .metrics import MetricsWriter
+        from igpt_ds.train.metrics import MetricsWriter
 
         self.metrics = MetricsWriter(args.save, enabled=self.is_rank0)
         if self.is_rank0 and args.save:
@@ -287,7 +287,7 @@ class Finetuner:
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _read_init(self, path: str):
-        from .pretrained import detect_format
+        from igpt_ds.checkpoint.formats import detect_format
 
         fmt = detect_format(path)  # cheap; a clear error for a directory of another kind
         if fmt.name != "deepspeed":
@@ -297,7 +297,7 @@ class Finetuner:
         return box[0]
 
     def _palette(self, from_checkpoint: Optional[np.ndarray]) -> Optional[np.ndarray]:
-        from .palette import load_palette, palette_sha256
+        from igpt_ds.palette import load_palette, palette_sha256
 
         if self.args.palette:
             given = load_palette(self.args.palette)
@@ -310,7 +310,7 @@ class Finetuner:
     def _open(self, path: str, split: str, role: str):
         """(source or shard manifest path, label names, sample count) of --train-data / --val-data."""
         if is_shard_dir(path):
-            from .shards import check_manifest, read_manifest
+            from igpt_ds.data.shards import check_manifest, read_manifest
 
             m = read_manifest(path)
             check_manifest(m, None if self.palette is None else self._palette_hash(), self.cfg.resolution)
@@ -326,15 +326,15 @@ class Finetuner:
         return source, list(source.label_names), len(source)
 
     def _palette_hash(self) -> str:
-        from .palette import palette_sha256
+        from igpt_ds.palette import palette_sha256
 
         return palette_sha256(self.palette)
 
     def _classes(self, path: str, source, num_classes: Optional[int]) -> int:
-        from .augment import source_labels
+        from igpt_ds.data.images import source_labels
 
         if isinstance(source, str):  # shards: labels are checked per batch; names from the manifest
-            from .shards import read_manifest
+            from igpt_ds.data.shards import read_manifest
 
             m = read_manifest(source)
             if not m.data.get("has_labels", True):
@@ -346,12 +346,12 @@ class Finetuner:
         micro, a = self.ds.micro_batch_size, self.args
         dp, dps = self.state.dp_rank, self.layout.data_parallel
         if isinstance(source, str):
-            from .data import build_loader
+            from igpt_ds.data.tokens import build_loader
 
             return build_loader(source, batch_size=micro, dp_rank=dp, dp_world_size=dps, num_workers=a.num_workers,
                                 seed=a.seed, shuffle=train, epochs=None if train else 1, drop_last=train,
                                 expected_resolution=self.cfg.resolution)
-        from .augment import ImageLoader
+        from igpt_ds.data.images import ImageLoader
 
         return ImageLoader(source, self.palette, self.cfg.resolution, batch_size=micro, dp_rank=dp, dp_world_size=dps,
                            augment=a.augment if train else "none", seed=a.seed, shuffle=train, drop_last=train,
@@ -382,7 +382,7 @@ class Finetuner:
         """
         import deepspeed
 
-        from .sharding import is_tp_sharded, shard
+        from igpt_ds.parallel.weights import is_tp_sharded, shard
 
         named = list(module.named_parameters())
         zero3 = any(hasattr(p, "ds_id") for _, p in named)
@@ -406,7 +406,7 @@ class Finetuner:
         """Full (TP = 1) weights under the plain model's names, on rank 0 (empty elsewhere). Collective."""
         import deepspeed
 
-        from .sharding import is_tp_sharded, unshard
+        from igpt_ds.parallel.weights import is_tp_sharded, unshard
 
         named = list(self.engine.module.named_parameters())
         zero3 = any(hasattr(p, "ds_id") for _, p in named)
@@ -523,8 +523,8 @@ class Finetuner:
         return list(names) if len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]
 
     def save_resume(self) -> None:
-        from .palette import palette_sha256
-        from .trainer import _rng_state, checkpoint_meta, write_checkpoint
+        from igpt_ds.palette import palette_sha256
+        from igpt_ds.train.loop import _rng_state, checkpoint_meta, write_checkpoint
 
         meta = checkpoint_meta(self.cfg, self.ds, self.layout,
                                None if self.palette is None else palette_sha256(self.palette),
@@ -539,7 +539,7 @@ class Finetuner:
 
     def save_best(self, acc: float) -> None:
         """Export the current weights (consolidated, with clf.*) and point SAVE/best at them. Collective."""
-        from .checkpoint import save_consolidated
+        from igpt_ds.checkpoint.consolidated import save_consolidated
 
         sd = self.full_state_dict()
         if self.is_rank0:
@@ -559,7 +559,7 @@ class Finetuner:
         dist.barrier()
 
     def _resume(self, directory: str) -> None:
-        from .trainer import _set_rng_state, read_checkpoint_meta
+        from igpt_ds.train.loop import _set_rng_state, read_checkpoint_meta
 
         tag, meta = read_checkpoint_meta(directory)
         path, client = self.engine.load_checkpoint(directory, tag=tag)
@@ -638,8 +638,8 @@ class Finetuner:
 
 def load_classifier(path: str, device: str = "cpu"):
     """(model, config, palette, classifier info) of a fine-tuned consolidated export (``SAVE/best``)."""
-    from .checkpoint import load_consolidated
-    from .sharding import load_full_state_dict
+    from igpt_ds.checkpoint.consolidated import load_consolidated
+    from igpt_ds.parallel.weights import load_full_state_dict
 
     cfg, sd, palette, meta = load_consolidated(path, device="cpu")
     info = meta.get("classifier")
@@ -647,7 +647,7 @@ def load_classifier(path: str, device: str = "cpu"):
         raise ValueError(f"{path}: not a fine-tuned classifier export (no 'classifier' in config.json / no "
                          f"clf.weight); fine-tune with igpt_ds/finetune.py --save DIR and pass DIR/best")
     backbone, _ = split_pretrained(sd)
-    from .pretrained import check_state_dict
+    from igpt_ds.checkpoint.formats import check_state_dict
 
     check_state_dict(cfg, backbone, source=path)
     model = IGPTClassifier(cfg, num_classes=int(info["num_classes"]))

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .feature_files import FeatureFile, FeatureFileError
+from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError
 
 C_GRID = tuple(10.0 ** k for k in range(-3, 3))
 HOLDOUT = 0.1

@@ -1,6 +1,6 @@
 """Measurements behind ``tools/benchmark.py model``: train-step throughput, TFLOP/s, MFU, memory.
 
-Ours is the real thing users run: :class:`igpt_ds.trainer.Trainer` (DeepSpeed engine, the given
+Ours is the real thing users run: :class:`igpt_ds.train.loop.Trainer` (DeepSpeed engine, the given
 DeepSpeed config and layout) on synthetic token images, timed per optimizer step by the trainer
 itself; the first ``warmup`` steps are dropped and the median of the rest is reported.
 The reference is Hugging Face's ``ImageGPTForCausalImageModeling`` of the same size (same
@@ -16,16 +16,16 @@ from typing import Optional
 
 import torch
 
-from .config import ModelConfig
-from .metrics import read_metrics
-from .synthetic import synthetic_sample
+from igpt_ds.config import ModelConfig
+from igpt_ds.train.metrics import read_metrics
+from igpt_ds.data.synthetic import synthetic_sample
 
 
 def ours(model: str, resolution: int, ds_config: str, steps: int, warmup: int, tensor_parallel: int = 1,
          pipeline_parallel: int = 1, activation_checkpointing: bool = False, peak_tflops: Optional[float] = None,
          seed: int = 0) -> dict:
     """Median per-step metrics of ``steps`` timed training steps after ``warmup`` untimed ones."""
-    from .trainer import TrainArgs, Trainer
+    from igpt_ds.train.loop import TrainArgs, Trainer
 
     with tempfile.TemporaryDirectory(prefix="igpt-bench-") as tmp:
         args = TrainArgs(model=model, resolution=resolution, activation_checkpointing=activation_checkpointing,

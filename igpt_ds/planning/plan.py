@@ -59,8 +59,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .config import ModelConfig
-from .parallel import ParallelLayout
+from igpt_ds.config import ModelConfig
+from igpt_ds.parallel.layout import ParallelLayout
 
 GIB = 2 ** 30
 PRECISIONS = ("fp32", "fp16", "bf16")

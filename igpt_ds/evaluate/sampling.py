@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .model import IGPTModel
+from igpt_ds.model.transformer import IGPTModel
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

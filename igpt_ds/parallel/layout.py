@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import ModelConfig
+from igpt_ds.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ Definitions (the contract of ``tools/extract_features.py`` and its ``.npz`` file
   unmasked image.
 
 Feature files (``layer<l>`` (N, d), ``labels``, ``index``, ``meta``; streaming, atomic, slices and
-merging) are defined in :mod:`igpt_ds.feature_files`; the names are re-exported here.
+merging) are defined in :mod:`igpt_ds.evaluate.feature_files`; the names are re-exported here.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .feature_files import (FORMAT, OUT_DTYPES, VERSION, FeatureFile, FeatureFileError,  # noqa: F401 (re-exported)
+from igpt_ds.config import ModelConfig
+from igpt_ds.evaluate.feature_files import (FORMAT, OUT_DTYPES, VERSION, FeatureFile, FeatureFileError,  # noqa: F401 (re-exported)
                             FeatureWriter, PathLike, find_parts, merge_feature_files, parse_layers, part_path)
 
 
@@ -78,7 +78,7 @@ def pooled_features(model, tokens: torch.Tensor, layers: Sequence[int],
 
 def image_masks(indices: Sequence[int], passes: int, seq_len: int, prob: float, seed: int) -> torch.Tensor:
     """Bool [passes, b, seq_len]: BERT masks of each image, a function of (seed, image index, pass) only."""
-    from .objectives import bert_mask
+    from igpt_ds.model.losses import bert_mask
 
     masks = []
     for index in indices:
@@ -140,7 +140,7 @@ def resolve_palette(checkpoint: str, carried: Optional[np.ndarray], recorded: Op
     it records. ``palette_file`` (``--palette``) must agree with both. Raises ValueError naming
     both hashes when a checkpoint and a palette do not belong together.
     """
-    from .palette import load_palette, palette_sha256
+    from igpt_ds.palette import load_palette, palette_sha256
 
     carried_hash = palette_sha256(carried) if carried is not None else None
     if carried_hash and recorded and carried_hash != recorded:
@@ -187,7 +187,7 @@ class _ResizedImages(torch.utils.data.Dataset):
         return self.end - self.start
 
     def __getitem__(self, i: int):
-        from .shards import resize_view  # the evaluation transform the shards are built with
+        from igpt_ds.data.shards import resize_view  # the evaluation transform the shards are built with
 
         index = self.start + i
         image, label = self.source[index]
@@ -202,7 +202,7 @@ def source_batches(source, palette: np.ndarray, resolution: int, start: int, end
     Resizing happens in ``num_workers`` DataLoader workers, quantization (``palette.quantize``,
     the one quantizer of the project) on ``device``.
     """
-    from .palette import quantize
+    from igpt_ds.palette import quantize
 
     loader = torch.utils.data.DataLoader(_ResizedImages(source, start, end, resolution), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
@@ -214,7 +214,7 @@ def source_batches(source, palette: np.ndarray, resolution: int, start: int, end
 def shard_batches(specs, seq_len: int, vocab_size: int, start: int, end: int, batch_size: int,
                   device: Union[str, torch.device] = "cpu") -> Iterator[dict]:
     """Batches of samples ``start..end`` of a shard set read in manifest order (no shuffling)."""
-    from .data import read_shard
+    from igpt_ds.data.tokens import read_shard
 
     def samples():
         offset = 0

@@ -18,8 +18,12 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from . import checkpoint, ds_checkpoint, hf
-from .config import ModelConfig
+from igpt_ds.checkpoint import consolidated as checkpoint
+
+from igpt_ds.checkpoint import reshard as ds_checkpoint
+
+from igpt_ds.checkpoint import hf
+from igpt_ds.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
 Reader = Callable[..., tuple]
@@ -143,8 +147,8 @@ def load_pretrained(path: PathLike, device: Union[str, torch.device] = "cpu",
     (AR; the SOS shift is inside), ``model.hidden_states(tokens)`` the per-layer residual stream.
     ``palette`` is float32 (512, 3) in [-1, 1], or None when the source has none.
     """
-    from .model import IGPTModel
-    from .sharding import load_full_state_dict
+    from igpt_ds.model.transformer import IGPTModel
+    from igpt_ds.parallel.weights import load_full_state_dict
 
     config, sd, palette, _ = read_checkpoint(path)
     model = IGPTModel(config)

@@ -1,0 +1,2 @@
+"""Evaluation of trained models: per-layer features and their files, linear probes, sampling,
+classifier accuracy and confusion matrices."""

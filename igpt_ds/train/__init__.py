@@ -1,0 +1,1 @@
+"""The one DeepSpeed training loop and its two tasks (pretraining, classification fine-tuning)."""
