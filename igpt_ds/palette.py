@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from igpt_ds.checkpoint.atomic import atomic_file
 from igpt_ds.config import NUM_COLORS
 
 Device = Union[str, torch.device, None]
@@ -75,18 +75,10 @@ def save_palette(path: Union[str, os.PathLike], palette: np.ndarray) -> None:
     """Write ``palette`` as a float32 .npy atomically (a temporary name, then a rename)."""
     path = os.fspath(path)
     palette = _check_palette(palette, path, clusters=None)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".palette-", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, palette)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # a file object, so np.save writes exactly ``path`` even when it does not end in .npy
+    with atomic_file(path, mode=0o644) as tmp, open(tmp, "wb") as f:
+        np.save(f, palette)
 
 
 def palette_sha256(palette: np.ndarray) -> str:

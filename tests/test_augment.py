@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from igpt_ds.data.images import ImageLoader, augment_view, cifar_augment, source_labels
-from igpt_ds.train.classify import check_labels, confusion_matrix, modal_prediction
-from igpt_ds.palette import quantize
 from igpt_ds.data.shards import BuildSettings, build_shards, resize_view
 from igpt_ds.data.sources import open_source
+from igpt_ds.evaluate.classifier import confusion_matrix, modal_prediction
+from igpt_ds.train.classify_task import check_labels
 
 PAL = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
 
@@ -97,7 +97,7 @@ def test_on_the_fly_quantization_equals_the_shard_pipeline(npz):
                          shuffle=False, drop_last=False, num_workers=0, epochs=1)
     seen = 0
     for batch in loader:
-        for key, tokens, label in zip(batch["keys"], batch["tokens"], batch["labels"]):
+        for key, tokens, _label in zip(batch["keys"], batch["tokens"], batch["labels"]):
             np.testing.assert_array_equal(tokens.numpy(), from_shards[key])
             seen += 1
     assert seen == len(from_shards) == 50

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from igpt_ds.planning.bench_data import gpu_consumption
 from igpt_ds.palette import save_palette
+from igpt_ds.planning.bench_data import gpu_consumption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "benchmark.py")

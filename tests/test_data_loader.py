@@ -2,16 +2,15 @@
 import collections
 import itertools
 import json
-import os
 
 import numpy as np
 import pytest
 
+from igpt_ds.data.shards import BuildSettings, ShardError, _write_tar, build_shards, read_manifest
+from igpt_ds.data.sources import open_source
 from igpt_ds.data.tokens import EpochLayout, build_loader, epoch_segments
 from igpt_ds.palette import palette_sha256, quantize
 from igpt_ds.parallel.layout import ParallelLayout
-from igpt_ds.data.shards import BuildSettings, ShardError, _write_tar, build_shards, read_manifest
-from igpt_ds.data.sources import open_source
 from igpt_ds.testing import run_ranks
 
 RES = 8
@@ -175,7 +174,8 @@ def fake_shard_set(root, samples, name="train-000000.tar", entry_name=None, coun
     path = str(root / name)
     _write_tar(path, keys, tokens, [0] * len(keys))
     if any(len(t) != width for _, t in samples):  # rewrite the short sample's member
-        import tarfile, io  # noqa: E401
+        import io
+        import tarfile  # noqa: E401
         with tarfile.open(path, "w") as tar:
             for k, t in samples:
                 payload = np.asarray(t, "<u2").tobytes()

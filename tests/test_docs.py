@@ -42,7 +42,7 @@ def command_blocks(path: Path):
 def test_every_command_block_is_run_or_marked():
     seen = 0
     for path in DOCS:
-        for marker, arg, code, line in command_blocks(path):
+        for marker, arg, _code, line in command_blocks(path):
             seen += 1
             where = f"{path.relative_to(ROOT)}:{line}"
             assert marker, f"{where}: a bash block without a marker (run / exercised-by / cluster-only)"
@@ -85,3 +85,15 @@ def test_run_blocks(path, blocks, tmp_path):
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{path.name}:{line} failed:\n{code}\n--- stderr ---\n{out.stderr[-3000:]}"
+
+
+def test_readme_map_lists_every_module():
+    """README's Layout section names every module of the package, so a newcomer finds any part from it."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout"):]
+    section = section[:section.index("```", section.index("```") + 3)]
+    missing = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "igpt_ds").rglob("*.py"))
+               if p.name != "__init__.py" and not re.search(rf"\b{re.escape(p.name)}\b", section)]
+    missing += [f"igpt_ds/{d.name}/" for d in sorted((ROOT / "igpt_ds").iterdir())
+                if d.is_dir() and (d / "__init__.py").is_file() and f"{d.name}/" not in section]
+    assert not missing, f"README.md's Layout section does not list: {missing}"

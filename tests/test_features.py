@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds.evaluate import features as F
 from igpt_ds.checkpoint.consolidated import save_consolidated
 from igpt_ds.config import get_preset
+from igpt_ds.evaluate import features as F
 from igpt_ds.model.transformer import IGPTModel
 from igpt_ds.parallel.weights import full_state_dict
 
@@ -159,8 +159,8 @@ def run_tool(setup, *argv):
 
 
 def test_extract_matches_direct_computation(setup, tmp_path):
-    from igpt_ds.palette import quantize
     from igpt_ds.data.shards import resize_view
+    from igpt_ds.palette import quantize
 
     out = tmp_path / "f.npz"
     assert run_tool(setup, "--checkpoint", setup["tmp"] / "ckpt", "--data", setup["tmp"] / "images.npz",
@@ -209,9 +209,9 @@ def test_sharded_extraction_merges_to_single_process(setup, tmp_path):
 
 
 def test_shards_give_the_same_features_as_images(setup, tmp_path):
-    from igpt_ds.data.tokens import read_shard, resolve_source
     from igpt_ds.data.shards import BuildSettings, build_shards
     from igpt_ds.data.sources import open_source
+    from igpt_ds.data.tokens import read_shard, resolve_source
 
     source = open_source(str(setup["tmp"] / "images.npz"), "train")
     build_shards(source, str(tmp_path / "shards"), setup["palette"], BuildSettings(resolution=8, shard_size=25),
@@ -326,7 +326,8 @@ def _pretrain(tmp, name, nprocs, stage, flags=()):
 
 
 needs_deepspeed_format = pytest.mark.skipif(
-    not _has_deepspeed_format(), reason="load_pretrained has no 'deepspeed' format yet (igpt_ds.checkpoint.formats.FORMATS)")
+    not _has_deepspeed_format(),
+    reason="load_pretrained has no 'deepspeed' format yet (igpt_ds.checkpoint.formats.FORMATS)")
 
 
 @pytest.fixture(scope="module")

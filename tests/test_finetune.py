@@ -1,11 +1,13 @@
 """`igpt_ds/finetune.py` as users run it: learning a planted signal, layouts vs one process, early
-stopping, resume, the evaluation tool and bad input.
+stopping, resume, SIGTERM/SIGUSR1 and --max-minutes (a checkpoint, exit 0, an exact resume), the
+evaluation tool and bad input.
 
 A 2-layer, 64-wide iGPT at 8x8 (random init, exported as a consolidated checkpoint) and 256 8x8
 images in 4 classes: class c has a bright 4x4 block in quadrant c over dim noise. fp32, batch 16.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from layouts import LAYOUT_IDS, LAYOUTS, LOSS_TOL, rank_logs, start_ranks, wait_for, write_ds_config
 
-from igpt_ds.train.metrics import read_metrics
 from igpt_ds.testing import launch
+from igpt_ds.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = str(ROOT / "igpt_ds" / "finetune.py")
 EVALUATE = str(ROOT / "tools" / "evaluate_classifier.py")
 COMMON = ["--no-progress", "--num-workers", "0", "--val-fraction", "0.25"]
-# Layouts only reorder fp32 sums (TP partial products, DP all-reduces); measured differences ~1e-6.
-LOSS_TOL = 1e-4
 ENV = {"DS_ACCELERATOR": "cpu"}
+BATCH = 16
 
 
 def planted_images(n=256, side=8, seed=0):
@@ -53,16 +55,15 @@ def setup(tmp_path_factory):
 
 
 def ds_config(path, stage=0, micro=None):
-    cfg = {"train_batch_size": 16, "zero_optimization": {"stage": stage}}
-    if micro:
-        cfg["train_micro_batch_size_per_gpu"] = micro
-    path.write_text(json.dumps(cfg))
-    return str(path)
+    return write_ds_config(path, BATCH, stage, micro)
+
+
+def finetune_argv(setup, args):
+    return [FINETUNE, "--init", str(setup / "init"), "--train-data", str(setup / "d.npz"), *COMMON, *args]
 
 
 def finetune(nprocs, setup, args, timeout=600):
-    results = launch([FINETUNE, "--init", str(setup / "init"), "--train-data", str(setup / "d.npz"), *COMMON, *args],
-                     nprocs, timeout=timeout, cwd=str(ROOT), env=ENV)
+    results = launch(finetune_argv(setup, args), nprocs, timeout=timeout, cwd=str(ROOT), env=ENV)
     for rank, r in enumerate(results):
         assert r.returncode == 0, f"rank {rank} exited {r.returncode}:\n{r.stderr[-4000:]}"
     return results
@@ -90,7 +91,8 @@ def test_learns_a_planted_signal_then_evaluates_and_resumes(setup, tmp_path):
     # The evaluation tool on the same held-out images reproduces the validation accuracy.
     ev = subprocess.run([sys.executable, EVALUATE, "--checkpoint", str(run / "best"), "--data", str(setup / "d.npz"),
                          "--split", "val", "--val-fraction", "0.25", "--out", str(tmp_path / "eval"),
-                         "--num-workers", "0"], capture_output=True, text=True, cwd=str(ROOT), env={**os.environ, **ENV})
+                         "--num-workers", "0"], capture_output=True, text=True, cwd=str(ROOT),
+                        env={**os.environ, **ENV})
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "confusion_matrix.json").read_text())
     assert report["accuracy"] == pytest.approx(best) and report["num_images"] == 64
@@ -114,26 +116,23 @@ def reference(setup, tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("name, nprocs, stage, micro, flags", [
-    ("tp2", 2, 1, None, ["--tensor-parallel", "2"]),
-    ("pp2", 2, 1, 8, ["--pipeline-parallel", "2"]),  # 2 micro-batches through 2 stages
-    ("dp2_zero3", 2, 3, None, []),
-])
-def test_layout_matches_single_process(setup, reference, tmp_path, name, nprocs, stage, micro, flags):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_layout_matches_single_process(setup, reference, tmp_path, layout):
     run = tmp_path / "run"
-    finetune(nprocs, setup, ["--deepspeed_config", ds_config(tmp_path / "ds.json", stage, micro), "--lr", "3e-3",
-                             "--train-steps", "4", "--eval-interval", "2", "--save", str(run), "--augment", "cifar",
-                             *flags])
+    cfg = ds_config(tmp_path / "ds.json", layout.zero_stage, layout.micro_batch(BATCH))
+    finetune(layout.nprocs, setup, ["--deepspeed_config", cfg, "--lr", "3e-3", "--train-steps", "4",
+                                    "--eval-interval", "2", "--save", str(run), "--augment", "cifar", *layout.flags])
     ref, got = read_metrics(reference / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
     assert len(got) == len(ref) == 4
     for a, b in zip(got, ref):
         for key in ("gen_loss", "clf_loss"):
-            assert abs(a[key] - b[key]) <= LOSS_TOL, f"{name} step {a['step']} {key}: {a[key]} vs {b[key]}"
+            assert abs(a[key] - b[key]) <= LOSS_TOL, f"{layout.name} step {a['step']} {key}: {a[key]} vs {b[key]}"
         assert a.get("val_acc") == b.get("val_acc")
     # The best export is layout-independent: the same full weights, class head included.
     from safetensors.torch import load_file
 
-    ours, theirs = load_file(str(run / "best" / "model.safetensors")), load_file(str(reference / "best" / "model.safetensors"))
+    ours = load_file(str(run / "best" / "model.safetensors"))
+    theirs = load_file(str(reference / "best" / "model.safetensors"))
     assert set(ours) == set(theirs)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3, msg=key)
@@ -145,14 +144,15 @@ def test_early_stopping_keeps_the_best_checkpoint(setup, tmp_path):
     driver = (
         "import sys, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from igpt_ds import finetuning, finetune\n"
+        "from igpt_ds import finetune\n"
+        "from igpt_ds.train import classify_task\n"
         "accs = iter([0.3, 0.6, 0.5, 0.55, 0.9, 0.9])\n"
         "heads = {}\n"
-        "def evaluate(self):\n"
-        "    heads[self.step] = self.engine.module.clf.weight.detach().clone()\n"
+        "def evaluate(self, loop):\n"
+        "    heads[loop.step] = loop.engine.module.clf.weight.detach().clone()\n"
         "    torch.save(heads, sys.argv[1])\n"
-        "    return next(accs)\n"
-        "finetuning.Finetuner.evaluate = evaluate\n"
+        "    return {'val_acc': next(accs)}\n"
+        "classify_task.ClassifyTask.evaluate = evaluate\n"
         "sys.exit(finetune.main(sys.argv[2:]))\n"
     )
     out = subprocess.run([sys.executable, "-c", driver, str(tmp_path / "heads.pt"), "--init", str(setup / "init"),
@@ -233,3 +233,65 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: the baseline needs an architecture to start from
         finetune.parse_args(["--random-init", "--load", str(tmp_path / "out"), "--train-data", data])
     assert "--random-init needs --init CHECKPOINT" in capsys.readouterr().err
+
+
+# ---- interruption: a signal or --max-minutes saves a checkpoint and exits 0; --load resumes it exactly ----
+
+# Constant rate (no warm-up, no decay) and no evaluation before a run's last step, so the total step
+# count changes nothing before the end; --augment cifar: the resumed data position includes augmentation.
+RESUMABLE = ["--lr", "3e-3", "--augment", "cifar", "--eval-interval", "100000"]
+LOSSES = ("loss", "gen_loss", "clf_loss")
+
+
+def assert_resumes_like_an_uninterrupted_run(setup, tmp_path, run, cfg):
+    """`run` stopped with a checkpoint at its last logged step N: `--load` continues it to N + 2, and
+    every step's losses equal those of one uninterrupted run to N + 2. Returns N."""
+    step = read_metrics(run / "metrics.jsonl")[-1]["step"]
+    assert (run / "latest").read_text().strip() == f"global_step{step}"
+    assert json.loads((run / f"global_step{step}" / "igpt_meta.json").read_text())["step"] == step
+    end = str(step + 2)
+    finetune(2, setup, ["--deepspeed_config", cfg, *RESUMABLE, "--train-steps", end, "--save", str(run),
+                        "--load", str(run)])
+    finetune(2, setup, ["--deepspeed_config", cfg, *RESUMABLE, "--train-steps", end,
+                        "--save", str(tmp_path / "straight")])
+    got, ref = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, step + 3))
+    for a, b in zip(got, ref):
+        part = "resumed" if a["step"] > step else "before the stop"
+        for key in LOSSES:
+            assert abs(a[key] - b[key]) <= LOSS_TOL, \
+                f"step {a['step']} ({part}) {key}: interrupted run {a[key]} vs uninterrupted {b[key]}"
+    assert (run / "latest").read_text().strip() == f"global_step{step + 2}"
+    return step
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda sig: sig.name)
+def test_signal_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(setup, tmp_path, sig):
+    run = tmp_path / "run"
+    cfg = ds_config(tmp_path / "ds.json", 1)
+    argv = finetune_argv(setup, ["--deepspeed_config", cfg, *RESUMABLE, "--train-steps", "100000", "--save", str(run)])
+    procs = start_ranks(argv, 2, tmp_path)
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run / "metrics.jsonl")) >= 2,
+                 240, procs)
+        for p in procs:  # Slurm signals every task
+            p.send_signal(sig)
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    logs = rank_logs(tmp_path, 2)
+    assert codes == [0, 0], f"exit codes {codes} after {sig.name}:\n{logs[-3000:]}"
+    step = assert_resumes_like_an_uninterrupted_run(setup, tmp_path, run, cfg)
+    assert step >= 2 and f"checkpoint saved at step {step}, exiting" in logs, logs[-3000:]
+
+
+def test_max_minutes_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(setup, tmp_path):
+    run = tmp_path / "run"
+    cfg = ds_config(tmp_path / "ds.json", 1)
+    out = finetune(2, setup, ["--deepspeed_config", cfg, *RESUMABLE, "--train-steps", "100000",
+                              "--max-minutes", "0.05", "--save", str(run)], timeout=300)
+    said = out[0].stdout + out[0].stderr
+    step = read_metrics(run / "metrics.jsonl")[-1]["step"]
+    assert f"--max-minutes 0.05 reached: checkpoint saved at step {step}, exiting" in said, said[-3000:]
+    assert assert_resumes_like_an_uninterrupted_run(setup, tmp_path, run, cfg) == step

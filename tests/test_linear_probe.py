@@ -58,7 +58,8 @@ def test_probe_recovers_planted_linear_signal(tmp_path):
     tool = load_tool("linear_probe")
     out = tmp_path / "probe.json"
     assert tool.main(["--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
-                      "--out", str(out), "--concat", "3", "--low-data", "8,40", "--seeds", "2", "--c-grid", "0.01,1,100", "--quiet"]) == 0
+                      "--out", str(out), "--concat", "3", "--low-data", "8,40", "--seeds", "2",
+                      "--c-grid", "0.01,1,100", "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["best_layer"] == 1 and result["best_test_accuracy"] > 0.9
     assert set(result["layers"]) == {"0", "1", "2"}

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import igpt_ds
 from igpt_ds.checkpoint import consolidated as checkpoint
+from igpt_ds.checkpoint.formats import expected_shapes, read_checkpoint
 from igpt_ds.config import get_preset
 from igpt_ds.model.transformer import IGPTModel
-from igpt_ds.checkpoint.formats import expected_shapes, read_checkpoint
 from igpt_ds.parallel.weights import full_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,8 @@ def test_config_and_weights_that_disagree(tmp_path, capsys):
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
     tensors["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(128, 256)
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight has shape \(128, 256\).*needs \(128, 512\)"):
+    with pytest.raises(ValueError,
+                       match=r"transformer\.h\.1\.mlp\.c_fc\.weight has shape \(128, 256\).*needs \(128, 512\)"):
         igpt_ds.load_pretrained(tmp_path / "hf")
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from igpt_ds.config import get_preset
-from igpt_ds.model.transformer import IGPTModel
 from igpt_ds.model.losses import bert_mask, bits_per_dim, compute_loss
+from igpt_ds.model.transformer import IGPTModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

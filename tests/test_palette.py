@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds.palette import (dequantize, fit_palette, load_palette, palette_sha256, pixel_levels, quantize,
-                             save_palette)
+from igpt_ds.palette import dequantize, fit_palette, load_palette, palette_sha256, pixel_levels, quantize, save_palette
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,8 +10,15 @@ import pytest
 
 from igpt_ds.config import PRESETS, get_preset
 from igpt_ds.parallel.layout import ParallelLayout
-from igpt_ds.planning.plan import (PlanInput, gib, largest_layer_parameters, model_state_bytes, plan, search,
-                          stage_parameters)
+from igpt_ds.planning.plan import (
+    PlanInput,
+    gib,
+    largest_layer_parameters,
+    model_state_bytes,
+    plan,
+    search,
+    stage_parameters,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +59,7 @@ def test_parameter_counts_match_the_real_model(overrides):
 def test_tensor_parallel_shard_matches_the_model_layers():
     """Per-TP-rank count from the sharding rules: column/row weights split, norms/positions/row biases not."""
     cfg = get_preset("igpt-s")
-    d, f, V, L, T = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layer, cfg.seq_len
+    d, L, T = cfg.d_model, cfg.n_layer, cfg.seq_len
     replicated = L * (4 * d + d + d) + 2 * d + T * d + d  # norms, row-parallel biases, ln_f, positions, SOS
     split = cfg.num_parameters() - replicated
     for tp in (2, 4, 8):
@@ -150,8 +157,9 @@ def test_pipeline_in_flight_microbatches_keep_activations():
 
 
 def test_cli_prints_arithmetic_for_xl():
-    r = subprocess.run([sys.executable, "tools/plan.py","--model", "igpt-xl", "--micro-batch", "8", "--precision", "bf16", "--zero", "3", "--dp", "8",
-                 "--tp", "1", "--pp", "1", "--activation-checkpointing", "--gpu-memory", "80"],
+    r = subprocess.run([sys.executable, "tools/plan.py", "--model", "igpt-xl", "--micro-batch", "8",
+                        "--precision", "bf16", "--zero", "3", "--dp", "8", "--tp", "1", "--pp", "1",
+                        "--activation-checkpointing", "--gpu-memory", "80"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "FITS" in r.stdout and "6,812,906,496 parameters" in r.stdout and "18 B x P / N" in r.stdout

@@ -58,7 +58,6 @@ def test_plot_runs_draws_every_run_and_the_reference(tmp_path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import plot_training
 
     saved = {}

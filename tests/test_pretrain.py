@@ -11,24 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
+from layouts import LAYOUT_IDS, LAYOUTS, LOSS_TOL, rank_logs, start_ranks, wait_for, write_ds_config
 
+from igpt_ds.testing import launch
 from igpt_ds.train.metrics import read_metrics
-from igpt_ds.testing import free_port, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(ROOT / "igpt_ds" / "pretrain.py")
 COMMON = ["--resolution", "8", "--no-progress", "--lr", "3e-3", "--num-workers", "0"]
-# Layouts only reorder fp32 sums (all-reduces, TP partial products); measured differences ~1e-6.
-LOSS_TOL = 1e-4
+BATCH = 8
 
 
 def ds_config(tmp_path, name, stage, micro=None, **extra):
-    cfg = {"train_batch_size": 8, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, **extra}
-    if micro:
-        cfg["train_micro_batch_size_per_gpu"] = micro
-    path = tmp_path / name
-    path.write_text(json.dumps(cfg))
-    return str(path)
+    return write_ds_config(tmp_path / name, BATCH, stage, micro, **{"gradient_clipping": 1.0, **extra})
 
 
 def pretrain(nprocs, args, timeout=600):
@@ -46,27 +41,24 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
-    pretrain(1, ["--train-steps", "10", "--deepspeed_config", ds_config(tmp, "ref.json", 0), "--save", str(tmp / "run")])
+    pretrain(1, ["--train-steps", "10", "--deepspeed_config", ds_config(tmp, "ref.json", 0),
+                 "--save", str(tmp / "run")])
     curve = losses(tmp / "run")
     assert len(curve) == 10
     return curve
 
 
-@pytest.mark.parametrize("name, nprocs, stage, micro, flags", [
-    ("dp2_zero3", 2, 3, None, []),
-    ("tp2", 2, 1, None, ["--tensor-parallel", "2"]),
-    ("pp2", 2, 1, 4, ["--pipeline-parallel", "2"]),  # 2 micro-batches through 2 stages
-    ("tp2_dp2", 4, 1, None, ["--tensor-parallel", "2"]),
-])
-def test_layout_matches_single_process(reference, tmp_path, name, nprocs, stage, micro, flags):
-    cfg = ds_config(tmp_path, f"{name}.json", stage, micro)
-    pretrain(nprocs, ["--train-steps", "10", "--deepspeed_config", cfg, "--save", str(tmp_path / "run"), *flags])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_layout_matches_single_process(reference, tmp_path, layout):
+    cfg = ds_config(tmp_path, f"{layout.name}.json", layout.zero_stage, layout.micro_batch(BATCH))
+    pretrain(layout.nprocs, ["--train-steps", "10", "--deepspeed_config", cfg, "--save", str(tmp_path / "run"),
+                             *layout.flags])
     curve = losses(tmp_path / "run")
     assert len(curve) == len(reference)
     for step, (a, b) in enumerate(zip(curve, reference), 1):
-        assert abs(a - b) <= LOSS_TOL, f"{name} step {step}: {a} vs single-process {b}"
+        assert abs(a - b) <= LOSS_TOL, f"{layout.name} step {step}: {a} vs single-process {b}"
     meta = json.loads((tmp_path / "run" / "global_step10" / "igpt_meta.json").read_text())
-    assert meta["world_size"] == nprocs and meta["step"] == 10
+    assert meta["world_size"] == layout.nprocs and meta["step"] == 10
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -91,26 +83,7 @@ def test_resume_continues_the_same_run(tmp_path):
 
 def _start(nprocs, args, log_dir):
     """Launch ranks in the background (for signal tests); returns the Popen objects."""
-    port = free_port()
-    procs = []
-    for rank in range(nprocs):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, PRETRAIN, *COMMON, *args], env=env, cwd=str(ROOT),
-                                      stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def _wait_for(predicate, timeout, procs):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if any(p.poll() not in (None, 0) for p in procs):
-            raise AssertionError("a rank died early")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
+    return start_ranks([PRETRAIN, *COMMON, *args], nprocs, log_dir)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -119,14 +92,14 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, sig):
     cfg = ds_config(tmp_path, "z1.json", 1)
     procs = _start(2, ["--train-steps", "100000", "--deepspeed_config", cfg, "--save", str(run)], tmp_path)
     try:
-        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(losses(run)) >= 2, 240, procs)
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(losses(run)) >= 2, 240, procs)
         for p in procs:  # Slurm signals every task
             p.send_signal(sig)
         codes = [p.wait(timeout=240) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    logs = "".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+    logs = rank_logs(tmp_path, 2)
     assert codes == [0, 0], logs[-3000:]
     assert "checkpoint saved" in logs
     tag = (run / "latest").read_text().strip()
@@ -143,8 +116,8 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     procs = _start(2, ["--train-steps", "100000", "--save-interval", "1", "--deepspeed_config", cfg,
                        "--save", str(run)], tmp_path)
     try:
-        _wait_for(lambda: (run / "latest").is_file() and (run / "latest").read_text().strip() != "global_step1",
-                  240, procs)
+        wait_for(lambda: (run / "latest").is_file() and (run / "latest").read_text().strip() != "global_step1",
+                 240, procs)
         time.sleep(0.37)
         for p in procs:
             p.send_signal(signal.SIGKILL)
@@ -213,12 +186,13 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     driver = (
         "import sys, math\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from igpt_ds import trainer, pretrain\n"
-        "orig = trainer.Trainer._train_step\n"
+        "from igpt_ds import pretrain\n"
+        "from igpt_ds.train import loop\n"
+        "orig = loop.Trainer._train_step\n"
         "def step(self, it):\n"
-        "    loss, wait = orig(self, it)\n"
-        "    return (math.nan if self.step >= 3 else loss), wait\n"
-        "trainer.Trainer._train_step = step\n"
+        "    record, wait = orig(self, it)\n"
+        "    return {**record, 'loss': math.nan if self.step >= 3 else record['loss']}, wait\n"
+        "loop.Trainer._train_step = step\n"
         "sys.exit(pretrain.main(sys.argv[1:]))\n"
     )
     out = subprocess.run([sys.executable, "-c", driver, *COMMON, "--train-steps", "10", "--save-interval", "2",

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds.parallel import layout as parallel
 from igpt_ds.config import get_preset
-from igpt_ds.model.transformer import IGPTModel
 from igpt_ds.evaluate.sampling import complete, filter_logits, generate, image_grid, sample
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.parallel import layout as parallel
 from igpt_ds.parallel.weights import full_state_dict, load_full_state_dict
 from igpt_ds.testing import run_ranks
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from igpt_ds.data import shards as shards_module
-from igpt_ds.palette import palette_sha256, quantize, save_palette
 from igpt_ds.data.shards import BuildSettings, ShardError, build_shards, read_manifest, resize_view
 from igpt_ds.data.sources import open_source
+from igpt_ds.palette import palette_sha256, quantize, save_palette
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

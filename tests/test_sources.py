@@ -1,5 +1,4 @@
 """Every image source format behind open_source, with synthetic files."""
-import os
 import pickle
 
 import numpy as np

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from igpt_ds.parallel import layout as parallel
 from igpt_ds.config import get_preset
-from igpt_ds.model.transformer import IGPTModel
 from igpt_ds.model.losses import bert_mask, compute_loss
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.parallel import layout as parallel
 from igpt_ds.parallel.weights import full_state_dict, load_full_state_dict, shard, unshard
 from igpt_ds.testing import run_ranks
 

@@ -25,6 +25,8 @@ sys.path.insert(0, REPO)  # run from a checkout
 
 import numpy as np  # noqa: E402
 
+from igpt_ds.checkpoint.atomic import atomic_write  # noqa: E402
+
 
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -55,15 +57,13 @@ def write_section(path: str, target: str, text: str) -> None:
     block = f"{begin}\n{text.rstrip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(new)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, new)
 
 
 def run_data(args) -> str:
-    from igpt_ds.planning.bench_data import compare_quantizers, gpu_consumption, load_images, loader_throughput
-    from igpt_ds.palette import fit_palette, load_palette
     from igpt_ds.data.sources import open_source, sample_pixels
+    from igpt_ds.palette import fit_palette, load_palette
+    from igpt_ds.planning.bench_data import compare_quantizers, gpu_consumption, load_images, loader_throughput
 
     source = open_source(args.data, args.split)
     images = load_images(source, args.images, args.resolution)
@@ -125,7 +125,8 @@ def run_model(args) -> str:
              f"{ds.gradient_accumulation_steps}), {ds.precision}, ZeRO-{ds.zero_stage}, "
              f"DP {layout.data_parallel} x TP {layout.tensor_parallel} x PP {layout.pipeline_parallel}"
              f"{', activation checkpointing' if args.activation_checkpointing else ''}")
-    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak FLOP/s known for this device; --peak-tflops)"
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else \
+        "n/a (no peak FLOP/s known for this device; --peak-tflops)"
     print(f"{shape}\nours: {r['tokens_per_s']:,.0f} tokens/s, {r['step_time_s']:.3f} s/step, "
           f"{r['tflops']:.3f} TFLOP/s per device, MFU {mfu}, peak memory {r['peak_mem_gb']:.2f} GiB")
     rows = [f"| iGPT-DS `Trainer` (DeepSpeed engine) | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
@@ -141,7 +142,8 @@ def run_model(args) -> str:
               f"tokens/s, {h['step_time_s']:.3f} s/step -> ours is {ratio:.2f}x faster")
         rows.append(f"| HF `ImageGPTForCausalImageModeling` + torch Adam | {h['step_time_s']:.3f} | "
                     f"{h['tokens_per_s']:,.0f} | {flops:.3f} | | |")
-        ratio_line = f"\nSpeed-up of ours over Hugging Face in the same run: **{ratio:.2f}x** (target: >= 2x at 1024 tokens).\n"
+        ratio_line = (f"\nSpeed-up of ours over Hugging Face in the same run: **{ratio:.2f}x** "
+                      f"(target: >= 2x at 1024 tokens).\n")
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     return f"""## model: train-step throughput ({cfg.name}, MR {cfg.resolution}^2, {ds.precision}, {platform.machine()})
 

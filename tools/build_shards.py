@@ -21,9 +21,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from igpt_ds.palette import load_palette  # noqa: E402
 from igpt_ds.data.shards import CROPS, BuildSettings, build_shards  # noqa: E402
 from igpt_ds.data.sources import open_source  # noqa: E402
+from igpt_ds.palette import load_palette  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from igpt_ds.train.classify import evaluate_export, is_shard_dir, load_classifier, write_report
+    from igpt_ds.data.manifest import is_shard_dir
+    from igpt_ds.evaluate.classifier import evaluate_export, load_classifier, write_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -63,8 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     f = p.add_argument_group("features")
     f.add_argument("--layers", default="all", help="'all', 'middle', 3, 2-5, 1,3,8 (0 = embedding output; default all)")
     f.add_argument("--out", help="output .npz")
-    f.add_argument("--dtype-out", choices=["float32", "float16"], default="float32", help="stored dtype (default float32)")
-    f.add_argument("--bert-masks", type=int, default=5, help="BERT models: masked passes averaged (default 5; 0 = no mask)")
+    f.add_argument("--dtype-out", choices=["float32", "float16"], default="float32",
+                   help="stored dtype (default float32)")
+    f.add_argument("--bert-masks", type=int, default=5,
+                   help="BERT models: masked passes averaged (default 5; 0 = no mask)")
     f.add_argument("--seed", type=int, default=0, help="seed of BERT masks and --random-init weights (default 0)")
     r = p.add_argument_group("running")
     r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -166,8 +168,8 @@ def extract(args) -> str:
         origin = {"data": os.path.abspath(args.data), "split": args.split, "val_fraction": args.val_fraction,
                   "split_seed": args.split_seed, "name": source.name}
     else:
-        from igpt_ds.data.tokens import resolve_source
         from igpt_ds.data.shards import check_manifest
+        from igpt_ds.data.tokens import resolve_source
 
         specs, manifests = resolve_source(args.shards)
         for man in manifests:

@@ -34,6 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from igpt_ds.checkpoint.atomic import atomic_write  # noqa: E402  (torch-free, like the probe)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--plot", help="PNG of accuracy against depth (default: --out with .png)")
     p.add_argument("--layers", default="all", help="layers to probe: all, 3, 2-5, 1,3,8 (default all in the files)")
-    p.add_argument("--concat", type=int, default=0, metavar="K", help="also probe K layers around the best, concatenated")
+    p.add_argument("--concat", type=int, default=0, metavar="K",
+                   help="also probe K layers around the best, concatenated")
     p.add_argument("--low-data", default="", metavar="N,N,...", help="labelled examples in total, e.g. 40,250,4000")
     p.add_argument("--seeds", type=int, default=5, help="random subsets per --low-data size (default 5)")
     p.add_argument("--low-data-layer", type=int, help="layer for --low-data (default: the best layer)")
@@ -149,7 +152,8 @@ def run(args) -> dict:
         xte = np.concatenate([test.layer(l) for l in window], axis=1)
         r = probe(xtr, y_train, xte, y_test, args.c_grid, args.holdout, args.seed, args.max_iter)
         result["concat"] = dict(r, layers=window, width=int(xtr.shape[1]))
-        log(f"  concat {window}  test {100 * r['test_accuracy']:6.2f}%  val {100 * r['val_accuracy']:6.2f}%  C {r['C']:g}")
+        log(f"  concat {window}  test {100 * r['test_accuracy']:6.2f}%  val {100 * r['val_accuracy']:6.2f}%  "
+            f"C {r['C']:g}")
         del xtr, xte
 
     if args.low_data:
@@ -178,11 +182,7 @@ def run(args) -> dict:
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     plot_depth(result, plot)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(result, indent=2, sort_keys=False) + "\n")
     train.close()
     test.close()
     return result

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from igpt_ds.palette import dequantize, fit_palette, palette_sha256, quantize, save_palette  # noqa: E402
 from igpt_ds.data.sources import images_for_pixels, open_source, sample_pixels  # noqa: E402
+from igpt_ds.palette import dequantize, fit_palette, palette_sha256, quantize, save_palette  # noqa: E402
 
 
 def parse_args(argv=None):

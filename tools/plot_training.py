@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from igpt_ds.checkpoint.atomic import atomic_file  # noqa: E402
 from igpt_ds.train.metrics import read_metrics  # noqa: E402
 
 
@@ -79,10 +80,9 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: str, title: str = "",
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # PNG whatever OUT's suffix, as documented
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

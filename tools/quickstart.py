@@ -27,6 +27,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from igpt_ds.checkpoint.atomic import atomic_write  # noqa: E402
+
 DEFAULT_DATA = os.path.join(REPO, "data", "cifar10-sample")
 
 
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
                    help="DeepSpeed config: batch size, precision, ZeRO (default ds_configs/quickstart.json)")
     p.add_argument("--launcher", default="", help="prefix for the pretraining command, e.g. 'deepspeed --num_gpus 8' "
                    "(default: plain python, one process)")
-    p.add_argument("--pretrain-args", default="", help="extra flags for igpt_ds/pretrain.py, e.g. '--tensor-parallel 2'")
+    p.add_argument("--pretrain-args", default="",
+                   help="extra flags for igpt_ds/pretrain.py, e.g. '--tensor-parallel 2'")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="held-out fraction of the train split: pretraining validation and the probes' test set")
     p.add_argument("--completions", type=int, default=4, help="completions per image in samples.png")
@@ -166,10 +169,7 @@ def summarize(out: str, args, log: list, seconds: float) -> dict:
                "probe_standard_error": stderr, "raw_pixel_accuracy": raw["best_test_accuracy"],
                "random_weights_accuracy": rand["best_test_accuracy"], "outputs": outputs, "stages": log,
                "text": text}
-    tmp = f"{out}/summary.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, f"{out}/summary.json")
+    atomic_write(f"{out}/summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     import igpt_ds
-    from igpt_ds.palette import dequantize, load_palette, quantize
     from igpt_ds.evaluate.sampling import complete, image_grid, sample
+    from igpt_ds.palette import dequantize, load_palette, quantize
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,18 +13,18 @@ Written to a temporary directory and renamed, so a crash never leaves a half-wri
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from igpt_ds.checkpoint.atomic import atomic_directory
 from igpt_ds.config import ModelConfig
+from igpt_ds.palette import load_palette, palette_sha256
 
 FORMAT = "igpt-ds-consolidated"
 VERSION = 1
@@ -43,45 +43,18 @@ def is_consolidated(path: PathLike) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; it becomes ``path`` only if the block succeeds.
-
-    ``path`` must not exist or be an empty directory. On any error the temporary directory is
-    removed, so a failed write never leaves a partial output.
-    """
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                       palette: Optional[np.ndarray] = None, dtype: torch.dtype = torch.float32,
                       extra: Optional[dict] = None) -> Path:
     """Write a consolidated checkpoint atomically; returns its path."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     with atomic_directory(path) as tmp:
         # megatron layers add `_extra_state: None` entries to state_dict(); keep tensors only.
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()
                    if isinstance(v, torch.Tensor)}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
-        palette_hash = None
-        if palette is not None:
-            from igpt_ds.palette import palette_sha256  # the data pipeline's hash: the one manifests carry
-
-            palette_hash = palette_sha256(palette)
+        # the data pipeline's hash: the one shard manifests carry
+        palette_hash = palette_sha256(palette) if palette is not None else None
         meta = {"format": FORMAT, "version": VERSION, "model": config.to_dict(), "palette_sha256": palette_hash,
                 "dtype": str(dtype).replace("torch.", "")}
         meta.update(extra or {})
@@ -103,21 +76,18 @@ def read_consolidated_config(path: PathLike) -> dict:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{file}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version", 0) > VERSION:
-        raise ValueError(f"{file}: version {meta['version']} is newer than this code reads ({VERSION}); upgrade iGPT-DS")
+        raise ValueError(f"{file}: version {meta['version']} is newer than this code reads ({VERSION}); "
+                         f"upgrade iGPT-DS")
     return meta
 
 
 def load_consolidated(path: PathLike, device: Union[str, torch.device] = "cpu"
                       ) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[np.ndarray], dict]:
     """(config, full state dict, palette or None, metadata) of a consolidated checkpoint."""
-    from safetensors.torch import load_file
-
     meta = read_consolidated_config(path)
     config = ModelConfig.from_dict(meta["model"], source=str(Path(path) / CONFIG_FILE))
     weights = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
     palette = None
     if (Path(path) / PALETTE_FILE).is_file():
-        from igpt_ds.palette import load_palette
-
         palette = load_palette(Path(path) / PALETTE_FILE)
     return config, weights, palette, meta

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from igpt_ds.checkpoint import consolidated as checkpoint
-
-from igpt_ds.checkpoint import reshard as ds_checkpoint
-
 from igpt_ds.checkpoint import hf
+from igpt_ds.checkpoint import reshard as ds_checkpoint
+from igpt_ds.checkpoint.run import find_checkpoint
 from igpt_ds.config import ModelConfig
+from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.parallel.weights import load_full_state_dict
 
 PathLike = Union[str, os.PathLike]
 Reader = Callable[..., tuple]
@@ -129,7 +130,7 @@ def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu"
 
 def training_step(path: PathLike) -> int:
     """The optimizer step a checkpoint was taken at (DeepSpeed meta or a consolidated export's), else 0."""
-    found = ds_checkpoint.find_checkpoint(path)
+    found = find_checkpoint(path)
     if found is not None:
         return int(found[2].get("step", 0))
     if checkpoint.is_consolidated(path):
@@ -147,9 +148,6 @@ def load_pretrained(path: PathLike, device: Union[str, torch.device] = "cpu",
     (AR; the SOS shift is inside), ``model.hidden_states(tokens)`` the per-layer residual stream.
     ``palette`` is float32 (512, 3) in [-1, 1], or None when the source has none.
     """
-    from igpt_ds.model.transformer import IGPTModel
-    from igpt_ds.parallel.weights import load_full_state_dict
-
     config, sd, palette, _ = read_checkpoint(path)
     model = IGPTModel(config)
     load_full_state_dict(model, sd)

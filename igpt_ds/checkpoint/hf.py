@@ -35,15 +35,17 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from igpt_ds.checkpoint.consolidated import atomic_directory
+from igpt_ds.checkpoint.atomic import atomic_directory
 from igpt_ds.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
 MODEL_TYPE = "imagegpt"
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
-SAFETENSORS_FILE, SAFETENSORS_INDEX, PICKLE_FILE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
 WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, PICKLE_FILE)
 
 # HF activation names <-> ours. HF "gelu" is the exact erf GELU, which no config of ours computes.
@@ -55,7 +57,8 @@ _HF_DEFAULTS = {"vocab_size": 513, "n_positions": 1024, "n_embd": 512, "n_layer"
                 "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
                 "tie_word_embeddings": False}
 # (our name, HF name, transposed): per block, with "{i}" the layer index.
-_CONV1D = [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]
+_CONV1D = [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+           ("mlp.proj", "mlp.c_proj")]
 # Buffers older transformers versions saved with the weights; not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -210,8 +213,6 @@ def read_hf_weights(path: PathLike) -> dict[str, torch.Tensor]:
     The pickle is read with ``torch.load(weights_only=True)``: a file that would run code on
     load is refused with an error instead.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if (path / SAFETENSORS_FILE).is_file():
         return load_file(str(path / SAFETENSORS_FILE))
@@ -270,8 +271,6 @@ def save_hf(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Ten
             palette: Optional[np.ndarray] = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write an ImageGPT directory (config.json, model.safetensors, and preprocessor_config.json
     with the palette as ``clusters`` when given) atomically; returns its path."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     hf, tensors = state_dict_to_hf(config, state_dict)  # refuses before anything is written
     hf["dtype"] = str(dtype).replace("torch.", "")

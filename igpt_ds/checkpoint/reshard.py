@@ -14,39 +14,31 @@ keeps the weights and the learning-rate schedule position and restarts Adam's st
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from igpt_ds.checkpoint.atomic import atomic_directory
+from igpt_ds.checkpoint.run import META_FILE, checkpoint_meta, find_checkpoint, write_checkpoint
 from igpt_ds.config import ModelConfig
+from igpt_ds.model.pipeline import model_param_name
+from igpt_ds.palette import load_palette, palette_sha256
+from igpt_ds.parallel import layout as parallel
+from igpt_ds.parallel.spawn import run_ranks
+from igpt_ds.parallel.weights import gather_full, load_full
+from igpt_ds.train.engine import DSSettings, WarmupCosine, build_engine, build_model, load_ds_config, set_schedule_step
 
 PathLike = Union[str, os.PathLike]
-META_FILE = "igpt_meta.json"
-
-
-def find_checkpoint(path: PathLike) -> Optional[tuple[Path, str, dict]]:
-    """(root, tag, meta) if ``path`` is a run directory with ``latest`` or a ``global_stepN`` tag directory."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        root, tag = path, (path / "latest").read_text().strip()
-    elif (path / META_FILE).is_file():
-        root, tag = path.parent, path.name
-    else:
-        return None
-    meta_file = root / tag / META_FILE
-    try:
-        return root, tag, json.loads(meta_file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def is_deepspeed_checkpoint(path: PathLike) -> bool:
+    """A run or tag directory whose ``igpt_meta.json`` carries the DeepSpeed config that wrote it."""
     found = find_checkpoint(path)
     return found is not None and "ds_config" in found[2]
 
@@ -55,9 +47,7 @@ def _rank_env() -> dict:
     return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
-def _settings(meta: dict, layout):
-    from igpt_ds.train.ds_config import DSSettings
-
+def _settings(meta: dict) -> DSSettings:
     ds = dict(meta["ds_config"])
     return DSSettings(path="<checkpoint>", config=ds, zero_stage=int(meta["zero_stage"]), precision=meta["precision"],
                       micro_batch_size=ds["train_micro_batch_size_per_gpu"],
@@ -71,80 +61,28 @@ def _engine_for(meta: dict, tensor_parallel: int, pipeline_parallel: int, weight
     ``weights`` (full state dict) are copied in before ``deepspeed.initialize``, which is when
     16-bit and ZeRO engines take their fp32 master copies.
     """
-    from igpt_ds.parallel import layout as parallel
-    from igpt_ds.train.schedule import WarmupCosine
-    from igpt_ds.train.loop import build_engine, build_model
-
     cfg = ModelConfig.from_dict(meta["model"])
     state = parallel.initialize(tensor_parallel, pipeline_parallel, model=cfg, backend="gloo")
     parallel.init_deepspeed_comm()
-    ds = _settings(meta, state.layout)
+    ds = _settings(meta)
     module = build_model(cfg, state, ds, seed=0)
     if weights is not None:
-        _copy_full_weights(module, weights, state, pipeline_parallel > 1, cfg.n_layer)
+        load_full(module, weights, state.tp_rank, tensor_parallel, name_of=_name_of(cfg, pipeline_parallel))
     engine, scheduler = build_engine(module, state, ds, lr=0.0, schedule=WarmupCosine(0, max(1, meta["step"])))
     return cfg, state, ds, engine, scheduler
 
 
-def _copy_full_weights(module, full: dict, state, pipelined: bool, n_layer: int) -> None:
-    import deepspeed
-
-    from igpt_ds.model.pipeline import pipe_to_model_name
-    from igpt_ds.parallel.weights import is_tp_sharded, shard
-
-    named = list(module.named_parameters())
-    zero3 = any(hasattr(p, "ds_id") for _, p in named)
-    # modifier_rank is relative to each parameter's (DP) group: DP rank 0 of every TP/PP slot sends.
-    ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0) if zero3 else _Nothing()
-    with ctx, torch.no_grad():
-        for name, p in named:
-            src = full[pipe_to_model_name(name, n_layer) if pipelined else name]
-            if is_tp_sharded(p):
-                src = shard(src, p.partition_dim, p.partition_stride, state.tp_rank, state.layout.tensor_parallel)
-            if src.shape != p.shape:
-                raise ValueError(f"{name}: full weight {tuple(src.shape)} does not fit {tuple(p.shape)}")
-            p.copy_(src.to(p.dtype))
-
-
-def _full_tensors(engine, state, pipelined: bool, n_layer: int) -> dict[str, torch.Tensor]:
-    """Gather this stage's parameters to full (TP = 1) tensors; every rank must call it."""
-    import deepspeed
-
-    from igpt_ds.model.pipeline import pipe_to_model_name
-    from igpt_ds.parallel.weights import is_tp_sharded, unshard
-
-    named = list(engine.module.named_parameters())
-    out = {}
-    zero3 = any(hasattr(p, "ds_id") for _, p in named)
-    ctx = deepspeed.zero.GatheredParameters([p for _, p in named]) if zero3 else _Nothing()
-    with ctx:
-        for name, p in named:
-            t = p.detach().to(torch.float32).clone()
-            if is_tp_sharded(p) and state.layout.tensor_parallel > 1:
-                parts = [torch.empty_like(t) for _ in range(state.layout.tensor_parallel)]
-                torch.distributed.all_gather(parts, t.contiguous(), group=state.tp_group)
-                t = unshard(parts, p.partition_dim, p.partition_stride)
-            out[pipe_to_model_name(name, n_layer) if pipelined else name] = t
-    return out
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _name_of(cfg: ModelConfig, pipeline_parallel: int):
+    return functools.partial(model_param_name, n_layer=cfg.n_layer, pipelined=pipeline_parallel > 1)
 
 
 def _consolidate_rank(rank: int, world: int, root: str, tag: str, meta: dict, parts_dir: str) -> int:
-    from safetensors.torch import save_file
-
     tp, pp = meta["tensor_parallel"], meta["pipeline_parallel"]
     cfg, state, ds, engine, _ = _engine_for(meta, tp, pp)
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise FileNotFoundError(f"{root}/{tag}: DeepSpeed found no loadable checkpoint files for rank {rank}")
-    tensors = _full_tensors(engine, state, pp > 1, cfg.n_layer)
+    tensors = gather_full(engine.module, state.tp_group, tp, _name_of(cfg, pp))
     if state.dp_rank == 0 and state.tp_rank == 0:
         save_file(tensors, os.path.join(parts_dir, f"stage{state.pp_rank:03d}.safetensors"))
     return len(tensors)
@@ -156,10 +94,6 @@ def load_deepspeed(path: PathLike, device: Union[str, torch.device] = "cpu"
 
     Spawns the checkpoint's world size of CPU ranks (gloo) on this host.
     """
-    from safetensors.torch import load_file
-
-    from igpt_ds.parallel.spawn import run_ranks
-
     found = find_checkpoint(path)
     if found is None or "ds_config" not in found[2]:
         raise ValueError(f"{path}: not an iGPT-DS DeepSpeed checkpoint (expected 'latest' and "
@@ -174,8 +108,6 @@ def load_deepspeed(path: PathLike, device: Union[str, torch.device] = "cpu"
             sd.update(load_file(str(file), device=str(device)))
     palette = None
     if (root / "palette.npy").is_file():
-        from igpt_ds.palette import load_palette, palette_sha256
-
         palette = load_palette(root / "palette.npy")
         if meta.get("palette_sha256") and palette_sha256(palette) != meta["palette_sha256"]:
             raise ValueError(f"{root / 'palette.npy'}: its SHA-256 differs from the palette_sha256 the run recorded "
@@ -184,10 +116,6 @@ def load_deepspeed(path: PathLike, device: Union[str, torch.device] = "cpu"
 
 
 def _reshard_rank(rank: int, world: int, weights_file: str, meta: dict, out_dir: str) -> int:
-    from safetensors.torch import load_file
-
-    from igpt_ds.train.loop import checkpoint_meta, set_schedule_step, write_checkpoint
-
     full = load_file(weights_file)
     cfg, state, ds, engine, scheduler = _engine_for(meta, meta["tensor_parallel"], meta["pipeline_parallel"], full)
     set_schedule_step(scheduler, meta["step"])
@@ -202,39 +130,21 @@ def save_deepspeed(path: PathLike, config: ModelConfig, state_dict: dict[str, to
                    tensor_parallel: int = 1, pipeline_parallel: int = 1, data_parallel: int = 1,
                    ds_config: Optional[str] = None, step: int = 0, source: str = "") -> Path:
     """Write full weights as a DeepSpeed checkpoint for DP x TP x PP (resharding), atomically."""
-    from safetensors.torch import save_file
-
-    from igpt_ds.train.ds_config import load_ds_config
-    from igpt_ds.parallel.layout import ParallelLayout
-    from igpt_ds.parallel.spawn import run_ranks
-
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
     world = tensor_parallel * pipeline_parallel * data_parallel
     default = Path(__file__).resolve().parents[2] / "ds_configs" / (
         "zero1_pipe_fp32.json" if pipeline_parallel > 1 else "zero0_fp32.json")
     ds = load_ds_config(ds_config or str(default), data_parallel, pipeline_parallel)
-    ParallelLayout(world, tensor_parallel, pipeline_parallel).validate(config, ds.zero_stage)
+    parallel.ParallelLayout(world, tensor_parallel, pipeline_parallel).validate(config, ds.zero_stage)
     meta = {"model": config.to_dict(), "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel,
             "zero_stage": ds.zero_stage, "precision": ds.precision, "ds_config": ds.config, "step": step,
             "converted_from": source, "optimizer_restarted": True, "palette_sha256": None}
     if palette is not None:
-        from igpt_ds.palette import palette_sha256
-
         meta["palette_sha256"] = palette_sha256(palette)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        weights = tmp / "full.safetensors"
+    with atomic_directory(path) as out, tempfile.TemporaryDirectory(prefix="igpt-reshard-") as scratch:
+        weights = Path(scratch) / "full.safetensors"
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}, str(weights))
-        run_ranks(_reshard_rank, world, str(weights), meta, str(tmp / "run"), timeout=3600, env=_rank_env())
-        out = tmp / "run"
+        run_ranks(_reshard_rank, world, str(weights), meta, str(out), timeout=3600, env=_rank_env())
         if palette is not None:
             np.save(out / "palette.npy", np.asarray(palette, dtype=np.float32))
-        if path.exists():
-            path.rmdir()
-        os.replace(out, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from igpt_ds.palette import palette_sha256, quantize
 from igpt_ds.data.shards import resize_view
 from igpt_ds.data.sources import ImageSource, SubsetSource
+from igpt_ds.palette import palette_sha256, quantize
 
 AUGMENTATIONS = ("cifar", "random-resized-crop", "none")
 

@@ -12,7 +12,8 @@ Images are put in a seeded random order before they are cut into shards, so each
 random sample of the source (class-sorted folders do not give class-sorted shards) and a reader
 that takes contiguous shard ranges still sees a well-mixed stream.
 
-The manifest ``dataset.json`` (written last, atomically) records the format version, palette
+The manifest ``dataset.json`` (written last, atomically; read and checked by
+:mod:`igpt_ds.data.manifest`, whose names are re-exported here) records the format version, palette
 SHA-256, resolution, each shard's name, sample count, size and SHA-256, the total, the label
 names, the source, any skipped images, and the build settings. A build that is interrupted keeps
 a ``.build-progress.json`` of the shards finished so far; re-running it verifies and keeps those
@@ -27,31 +28,39 @@ import datetime
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-from igpt_ds.config import NUM_COLORS
-from igpt_ds.palette import palette_sha256, quantize
+from igpt_ds.checkpoint.atomic import atomic_file, atomic_write
+
+# Re-exported: tools, tests and the fine-tuning task read manifests through this module's names.
+from igpt_ds.data.manifest import (  # noqa: F401
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LABEL_EXT,
+    MANIFEST_NAME,
+    TOKENS_EXT,
+    Manifest,
+    ShardError,
+    ShardRecord,
+    check_manifest,
+    check_shard_name,
+    read_manifest,
+)
 from igpt_ds.data.sources import BadImageError, ImageSource, open_source
+from igpt_ds.palette import palette_sha256, quantize
 
-MANIFEST_NAME = "dataset.json"
 PROGRESS_NAME = ".build-progress.json"
-FORMAT_NAME = "igpt-ds-shards"
-FORMAT_VERSION = 1
-TOKENS_EXT = "tokens"
-LABEL_EXT = "cls"
 CROPS = ("center", "random-resized")
-_SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-class ShardError(ValueError):
-    """A shard or manifest that cannot be used as it is. The message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,8 +77,6 @@ def resize_view(image: np.ndarray, resolution: int, crop: str = "center",
     a random 224 crop is a random square crop of 224/s of the shorter side, then resized to
     ``resolution``. Images already at the resolution pass through unchanged in ``center`` mode.
     """
-    from PIL import Image
-
     h, w = image.shape[:2]
     short = min(h, w)
     if crop == "center":
@@ -90,113 +97,12 @@ def resize_view(image: np.ndarray, resolution: int, crop: str = "center",
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest
+# Writing
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ShardRecord:
-    name: str
-    samples: int
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A validated ``dataset.json``: shard names are plain file names inside ``directory``."""
-
-    path: str
-    directory: str
-    resolution: int
-    palette_sha256: str
-    num_colors: int
-    shards: tuple[ShardRecord, ...]
-    num_samples: int
-    label_names: tuple[str, ...]
-    data: dict
-
-    @property
-    def seq_len(self) -> int:
-        return self.resolution * self.resolution
-
-    def shard_paths(self) -> list[str]:
-        return [os.path.join(self.directory, s.name) for s in self.shards]
-
-
-def check_shard_name(name: Any, manifest_path: str) -> str:
-    """Refuse a shard name that is not a plain file name (no path, no URL, no ``pipe:``)."""
-    if (not isinstance(name, str) or not _SAFE_SHARD_NAME.match(name) or ".." in name
-            or name.lower().startswith("pipe")):
-        raise ShardError(f"{manifest_path}: shard name {name!r} is not a plain file name in the "
-                         f"manifest's directory (no '/', '..', URLs or 'pipe:'); a manifest cannot "
-                         f"point elsewhere. Put the shards beside it, or pass their URLs to the "
-                         f"loader yourself")
-    return name
-
-
-def read_manifest(path: str) -> Manifest:
-    """Read and validate ``dataset.json`` (``path`` is the file or the directory holding it)."""
-    path = os.fspath(path)
-    file = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file}: no shard manifest; build shards with "
-                                f"`python tools/build_shards.py --data DATA --out {os.path.dirname(file) or '.'}`")
-    try:
-        with open(file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{file}: not valid JSON ({e}); rebuild it with tools/build_shards.py") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise ShardError(f"{file}: not an {FORMAT_NAME} manifest (format={data.get('format') if isinstance(data, dict) else None!r})")
-    if data.get("version") != FORMAT_VERSION:
-        raise ShardError(f"{file}: manifest version {data.get('version')!r}, this code reads "
-                         f"version {FORMAT_VERSION}; rebuild the shards with this version's tools/build_shards.py")
-    try:
-        shards = tuple(ShardRecord(check_shard_name(s["name"], file), int(s["samples"]), int(s["bytes"]),
-                                   str(s["sha256"])) for s in data["shards"])
-        manifest = Manifest(path=file, directory=os.path.dirname(os.path.abspath(file)),
-                            resolution=int(data["resolution"]), palette_sha256=str(data["palette_sha256"]),
-                            num_colors=int(data.get("num_colors", NUM_COLORS)), shards=shards,
-                            num_samples=int(data["num_samples"]),
-                            label_names=tuple(data.get("label_names", [])), data=data)
-    except (KeyError, TypeError) as e:
-        raise ShardError(f"{file}: manifest field missing or malformed ({e!r}); rebuild it with "
-                         f"tools/build_shards.py") from None
-    if sum(s.samples for s in shards) != manifest.num_samples:
-        raise ShardError(f"{file}: num_samples={manifest.num_samples} but the shards hold "
-                         f"{sum(s.samples for s in shards)}; the manifest is inconsistent, rebuild it")
-    return manifest
-
-
-def check_manifest(manifest: Manifest, expected_palette_sha256: Optional[str] = None,
-                   expected_resolution: Optional[int] = None) -> None:
-    """Refuse shards made with another palette or at another resolution than the run expects."""
-    if expected_palette_sha256 is not None and manifest.palette_sha256 != expected_palette_sha256:
-        raise ShardError(
-            f"{manifest.path}: shards were quantized with palette sha256 {manifest.palette_sha256[:16]}..., "
-            f"the run expects {expected_palette_sha256[:16]}...: tokens from another palette are other "
-            f"colours. Rebuild the shards with the run's palette (tools/build_shards.py --palette), "
-            f"or run with the palette these shards were built with")
-    if expected_resolution is not None and manifest.resolution != expected_resolution:
-        raise ShardError(
-            f"{manifest.path}: shards are at resolution {manifest.resolution} "
-            f"({manifest.seq_len} tokens), the run expects {expected_resolution}: rebuild the shards "
-            f"with --resolution {expected_resolution}, or set the model's resolution to {manifest.resolution}")
-
-
 def _write_json_atomic(path: str, data: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the manifest from other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # 0644 whatever the umask: the manifest is read by other users' training jobs
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=False) + "\n", mode=0o644)
 
 
 def _sha256_file(path: str) -> str:
@@ -259,16 +165,13 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def _write_tar(path: str, keys: Sequence[str], tokens: np.ndarray, labels: Optional[Sequence[int]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    # A fixed temporary name: what a killed build leaves is swept up by the next run (build_shards).
+    with atomic_file(path, temp=path + ".tmp", fsync=True) as tmp, open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for i, key in enumerate(keys):
                 _add_member(tar, f"{key}.{TOKENS_EXT}", tokens[i].astype("<u2").tobytes())
                 if labels is not None:
                     _add_member(tar, f"{key}.{LABEL_EXT}", str(int(labels[i])).encode("ascii"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_one_shard(source: ImageSource, palette: np.ndarray, settings: BuildSettings, index: int,
@@ -307,8 +210,6 @@ _WORKER: dict = {}
 
 
 def _worker_init(open_args: dict, palette: np.ndarray, settings: BuildSettings, out_dir: str) -> None:
-    import torch
-
     torch.set_num_threads(1)  # one process per core; threads inside would oversubscribe
     _WORKER.update(source=open_source(**open_args), palette=palette, settings=settings, out_dir=out_dir)
 
@@ -340,8 +241,6 @@ def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, setting
     interruption keeps every shard whose recorded size and SHA-256 still match and builds the
     rest. The result has ``"built"`` / ``"reused"`` shard name lists (not part of the file).
     """
-    from tqdm import tqdm
-
     settings.validate()
     os.makedirs(out_dir, exist_ok=True)
     fingerprint = _fingerprint(source, palette, settings)
@@ -377,10 +276,8 @@ def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, setting
         if not open_args:
             raise ValueError("workers > 1 needs open_args (how worker processes reopen the source): "
                              "open the source with igpt_ds.data.sources.open_source")
-        import multiprocessing as mp
-
         # spawn, not fork: a forked child of a process that already ran torch ops can deadlock.
-        with mp.get_context("spawn").Pool(min(workers, len(jobs)), _worker_init,
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), _worker_init,
                                           (open_args, palette, settings, out_dir)) as pool:
             for (i, _), record in zip(jobs, pool.imap(_worker_build, jobs)):
                 finished(i, record)

@@ -28,6 +28,7 @@ import re
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CIFAR10_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -126,8 +127,6 @@ class FolderSource(ImageSource):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        from PIL import Image
-
         file = self.files[index]
         try:
             with Image.open(file) as im:

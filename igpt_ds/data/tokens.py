@@ -41,10 +41,21 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from igpt_ds.config import NUM_COLORS
-from igpt_ds.data.shards import LABEL_EXT, MANIFEST_NAME, TOKENS_EXT, Manifest, ShardError, check_manifest, read_manifest
+from igpt_ds.data.manifest import (
+    LABEL_EXT,
+    MANIFEST_NAME,
+    TOKENS_EXT,
+    Manifest,
+    ShardError,
+    check_manifest,
+    read_manifest,
+)
 
 __all__ = ["build_loader", "read_manifest", "TokenLoader", "ShardSpec", "epoch_segments", "ShardError"]
 
@@ -70,8 +81,6 @@ def _is_manifest_location(item: str) -> bool:
 
 def resolve_source(source: Source, manifest: Optional[str] = None) -> tuple[list[ShardSpec], list[Manifest]]:
     """Shards (with sample counts) and the manifests they come from."""
-    from braceexpand import braceexpand
-
     items = [os.fspath(source)] if isinstance(source, (str, os.PathLike)) else [os.fspath(s) for s in source]
     if not items:
         raise ValueError("build_loader: no shard source given")
@@ -175,9 +184,6 @@ def epoch_segments(counts: Sequence[int], epoch: int, seed: int, shuffle: bool,
 
 def _tar_samples(url: str) -> Iterator[dict]:
     """Samples of one shard through webdataset's tar reader; tar errors name the shard."""
-    from webdataset import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     stream = gopen(url, "rb")
     last_key = None
     try:
@@ -217,7 +223,8 @@ def _decode(url: str, sample: dict, seq_len: int, vocab_size: int) -> tuple[str,
     key = sample["__key__"]
     raw = sample.get(TOKENS_EXT)
     if raw is None:
-        raise ShardError(f"{url}: sample {key!r} has no .{TOKENS_EXT} member (has {sorted(k for k in sample if not k.startswith('__'))})")
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise ShardError(f"{url}: sample {key!r} has no .{TOKENS_EXT} member (has {members})")
     if len(raw) != 2 * seq_len:
         raise ShardError(f"{url}: sample {key!r} has {len(raw) / 2:g} tokens, expected {seq_len} "
                          f"(resolution {int(seq_len ** 0.5)}); the shard is corrupt or from another build")

@@ -27,6 +27,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from igpt_ds.checkpoint.atomic import atomic_file
+
 PathLike = Union[str, os.PathLike]
 FORMAT = "igpt-ds-features"
 VERSION = 1
@@ -110,14 +112,13 @@ class FeatureWriter:
             m.flush()
         names = list(self.maps)
         self.maps.clear()  # close the memory maps before packing
-        packed = self.tmp / "packed.npz"
-        with zipfile.ZipFile(packed, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name in names:
-                zf.write(self.tmp / f"{name}.npy", arcname=f"{name}.npy")  # streamed in chunks
-                os.unlink(self.tmp / f"{name}.npy")
-            with zf.open("meta.npy", "w") as f:
-                np.save(f, np.array(json.dumps(meta, sort_keys=True)))
-        os.replace(packed, self.out)
+        with atomic_file(self.out) as packed:
+            with zipfile.ZipFile(packed, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name in names:
+                    zf.write(self.tmp / f"{name}.npy", arcname=f"{name}.npy")  # streamed in chunks
+                    os.unlink(self.tmp / f"{name}.npy")
+                with zf.open("meta.npy", "w") as f:
+                    np.save(f, np.array(json.dumps(meta, sort_keys=True)))
         self.close()
         return self.out
 

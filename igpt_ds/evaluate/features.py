@@ -37,11 +37,27 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from igpt_ds.checkpoint.run import find_checkpoint
 from igpt_ds.config import ModelConfig
-from igpt_ds.evaluate.feature_files import (FORMAT, OUT_DTYPES, VERSION, FeatureFile, FeatureFileError,  # noqa: F401 (re-exported)
-                            FeatureWriter, PathLike, find_parts, merge_feature_files, parse_layers, part_path)
-
+from igpt_ds.data.shards import resize_view  # the evaluation transform the shards are built with
+from igpt_ds.data.tokens import read_shard
+from igpt_ds.evaluate.feature_files import (  # noqa: F401 (re-exported)
+    FORMAT,
+    OUT_DTYPES,
+    VERSION,
+    FeatureFile,
+    FeatureFileError,
+    FeatureWriter,
+    PathLike,
+    find_parts,
+    merge_feature_files,
+    parse_layers,
+    part_path,
+)
+from igpt_ds.model.losses import bert_mask
+from igpt_ds.palette import load_palette, palette_sha256, quantize
 
 # ---------------------------------------------------------------------------------------------
 # The feature definition
@@ -78,8 +94,6 @@ def pooled_features(model, tokens: torch.Tensor, layers: Sequence[int],
 
 def image_masks(indices: Sequence[int], passes: int, seq_len: int, prob: float, seed: int) -> torch.Tensor:
     """Bool [passes, b, seq_len]: BERT masks of each image, a function of (seed, image index, pass) only."""
-    from igpt_ds.model.losses import bert_mask
-
     masks = []
     for index in indices:
         state = np.random.SeedSequence([seed, int(index)]).generate_state(2)
@@ -118,17 +132,16 @@ def recorded_palette_sha256(checkpoint: PathLike) -> Optional[str]:
     meta. Hugging Face directories carry the palette itself, which ``load_pretrained`` returns.
     """
     path = Path(checkpoint)
-    candidates = [path / "config.json", path / "igpt_meta.json"]
-    if (path / "latest").is_file():
-        candidates.append(path / (path / "latest").read_text().strip() / "igpt_meta.json")
-    for file in candidates:
-        if file.is_file():
-            try:
-                value = json.loads(file.read_text()).get("palette_sha256")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                continue
-            if value:
-                return str(value)
+    found = find_checkpoint(path)  # a DeepSpeed run directory or tag directory
+    if found is not None:
+        return found[2].get("palette_sha256") or None
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text()).get("palette_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None
+        return str(value) if value else None
     return None
 
 
@@ -140,8 +153,6 @@ def resolve_palette(checkpoint: str, carried: Optional[np.ndarray], recorded: Op
     it records. ``palette_file`` (``--palette``) must agree with both. Raises ValueError naming
     both hashes when a checkpoint and a palette do not belong together.
     """
-    from igpt_ds.palette import load_palette, palette_sha256
-
     carried_hash = palette_sha256(carried) if carried is not None else None
     if carried_hash and recorded and carried_hash != recorded:
         raise ValueError(f"{checkpoint}: its palette (sha256 {carried_hash[:16]}...) is not the one its config "
@@ -161,7 +172,7 @@ def resolve_palette(checkpoint: str, carried: Optional[np.ndarray], recorded: Op
         raise ValueError(f"--palette {palette_file} (sha256 {got[:16]}...) is not the palette {checkpoint} was "
                          f"trained with (sha256 {expected[:16]}...): tokens from another palette are other colours. "
                          f"Use the palette.npy of the training run" + (" or leave out --palette (the checkpoint "
-                         f"carries its own)" if carried is not None else ""))
+                         "carries its own)" if carried is not None else ""))
     how = "--palette, matches the checkpoint's" if expected else "--palette (the checkpoint records none: unchecked)"
     return palette, got, how
 
@@ -187,8 +198,6 @@ class _ResizedImages(torch.utils.data.Dataset):
         return self.end - self.start
 
     def __getitem__(self, i: int):
-        from igpt_ds.data.shards import resize_view  # the evaluation transform the shards are built with
-
         index = self.start + i
         image, label = self.source[index]
         image = resize_view(np.asarray(image, dtype=np.uint8), self.resolution, "center")
@@ -202,8 +211,6 @@ def source_batches(source, palette: np.ndarray, resolution: int, start: int, end
     Resizing happens in ``num_workers`` DataLoader workers, quantization (``palette.quantize``,
     the one quantizer of the project) on ``device``.
     """
-    from igpt_ds.palette import quantize
-
     loader = torch.utils.data.DataLoader(_ResizedImages(source, start, end, resolution), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
     for images, labels, index in loader:
@@ -214,8 +221,6 @@ def source_batches(source, palette: np.ndarray, resolution: int, start: int, end
 def shard_batches(specs, seq_len: int, vocab_size: int, start: int, end: int, batch_size: int,
                   device: Union[str, torch.device] = "cpu") -> Iterator[dict]:
     """Batches of samples ``start..end`` of a shard set read in manifest order (no shuffling)."""
-    from igpt_ds.data.tokens import read_shard
-
     def samples():
         offset = 0
         for spec in specs:
@@ -269,8 +274,6 @@ def extract(batches: Iterable[dict], compute, ex: Extraction, out: PathLike, dty
     n, np_dtype = ex.end - ex.start, OUT_DTYPES[dtype_out]
     arrays = {f"layer{l}": ((n, ex.widths[l]), np_dtype) for l in ex.layers}
     arrays.update(labels=((n,), np.int64), index=((n,), np.int64))
-    from tqdm import tqdm
-
     with FeatureWriter(out, arrays) as writer:
         for batch in tqdm(batches, total=num_batches, disable=not progress, desc="features", unit="batch"):
             feats = compute(batch)

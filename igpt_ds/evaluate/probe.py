@@ -27,6 +27,9 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError
 
@@ -39,7 +42,8 @@ def load_pair(train_path: str, test_path: str) -> tuple[FeatureFile, FeatureFile
     """Open two feature files and check they hold the same layers with the same widths, and labels."""
     train, test = FeatureFile(train_path), FeatureFile(test_path)
     if train.layers != test.layers:
-        only_train, only_test = sorted(set(train.layers) - set(test.layers)), sorted(set(test.layers) - set(train.layers))
+        only_train = sorted(set(train.layers) - set(test.layers))
+        only_test = sorted(set(test.layers) - set(train.layers))
         raise FeatureFileError(f"{train_path} and {test_path} hold different layers (only in train: {only_train}, "
                                f"only in test: {only_test}); extract both with the same --layers")
     widths = {l: (train.width(l), test.width(l)) for l in train.layers if train.width(l) != test.width(l)}
@@ -73,14 +77,10 @@ def standardize(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def _classifier(C: float, max_iter: int):
-    from sklearn.linear_model import LogisticRegression
-
     return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=1e-4)
 
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int):
-    from sklearn.exceptions import ConvergenceWarning
-
     clf = _classifier(C, max_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -107,8 +107,6 @@ def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: 
           c_grid: Sequence[float] = C_GRID, holdout: float = HOLDOUT, seed: int = 0,
           max_iter: int = MAX_ITER) -> dict:
     """Choose C on a stratified ``holdout`` of train, refit on all of train, score test (see module docstring)."""
-    from sklearn.model_selection import train_test_split
-
     counts = np.bincount(y_train)
     stratify = y_train if counts[counts > 0].min() >= 2 else None
     fit_idx, val_idx = train_test_split(np.arange(len(y_train)), test_size=holdout, random_state=seed,
@@ -145,8 +143,6 @@ def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 def low_data_probe(x_train, y_train, x_test, y_test, n: int, seed: int, c_grid: Sequence[float] = C_GRID,
                    max_iter: int = MAX_ITER) -> dict:
     """Probe trained on ``balanced_subset(y_train, n, seed)`` alone; C by k-fold CV inside the subset."""
-    from sklearn.model_selection import StratifiedKFold
-
     idx = balanced_subset(y_train, n, seed)
     x, y = x_train[idx], y_train[idx]
     per_class = n // len(np.unique(y_train))
@@ -176,6 +172,7 @@ def summarize(values: Sequence[float]) -> dict:
 
 def plot_depth(result: dict, path: str, title: Optional[str] = None) -> str:
     """PNG of test (and validation) accuracy against layer (the paper's Figure 2), with baselines."""
+    # Lazy: matplotlib.pyplot takes ~0.7 s to import and only the plot needs it; Agg draws without a display.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from igpt_ds.model.transformer import IGPTModel
@@ -121,8 +122,6 @@ def image_grid(images, pad: int = 2, scale: int = 1, background: int = 255):
     """One uint8 image from a grid of images ``(rows, cols, H, W, 3)``: each image upscaled ``scale``
     times (nearest), ``pad`` pixels of ``background`` around and between them. The result is
     ``(rows*H*scale + (rows+1)*pad, cols*W*scale + (cols+1)*pad, 3)``."""
-    import numpy as np
-
     images = np.asarray(images, dtype=np.uint8)
     if images.ndim != 5 or images.shape[-1] != 3:
         raise ValueError(f"image_grid expects (rows, cols, H, W, 3), got {images.shape}")

@@ -6,21 +6,19 @@
 
 Parameter names: those of :class:`igpt_ds.model.transformer.IGPTModel` plus ``clf.weight`` [C, d] and
 ``clf.bias`` [C]; a consolidated export carries them under these names. In a pipeline the head
-stage holds them as ``<L+1>.clf.weight`` (mapped by :func:`model_param_name`).
+stage holds them as ``<L+1>.clf.weight`` (see :mod:`igpt_ds.model.pipeline`); the loss is
+:func:`igpt_ds.model.losses.finetune_loss`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from igpt_ds.config import ModelConfig
 from igpt_ds.model.transformer import Head, IGPTModel
-from igpt_ds.model.losses import token_losses
 
 CLF_PARAMS = ("clf.weight", "clf.bias")
 
@@ -68,70 +66,6 @@ def head_outputs(final: Head, clf: nn.Module, h: torch.Tensor) -> tuple[torch.Te
     return logits, clf(n.mean(dim=1))  # mean over positions: [b, h] -> [b, C]
 
 
-@dataclass
-class FinetuneLoss:
-    loss: torch.Tensor  # gen_weight * gen + clf, what backward sees
-    gen: torch.Tensor  # L_GEN, nats per predicted token
-    clf: torch.Tensor  # L_CLF, mean cross-entropy over the batch
-    correct: torch.Tensor  # number of correct class predictions
-    count: int
-
-
-def finetune_loss(logits: torch.Tensor, clf_logits: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                  mask: Optional[torch.Tensor], gen_weight: float, tp_size: int) -> FinetuneLoss:
-    """L = gen_weight * L_GEN + L_CLF (see the module docstring). ``mask``: BERT positions, else None."""
-    losses = token_losses(logits, tokens, tp_size)  # [b, s]
-    if mask is None:
-        gen = losses.mean()
-    else:
-        w = mask.to(losses.dtype)
-        gen = (losses * w).sum() / w.sum().clamp(min=1)
-    clf = F.cross_entropy(clf_logits.float(), labels)
-    correct = (clf_logits.argmax(dim=-1) == labels).sum()
-    return FinetuneLoss(gen_weight * gen + clf, gen.detach(), clf.detach(), correct.detach(), labels.numel())
-
-
-# ---- pipeline adapters ------------------------------------------------------------------------
-
-class ClassifierHeadPipe(Head):
-    """Last pipeline layer: final norm, logit head and class head; returns (token logits shard, class logits)."""
-
-    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, num_classes: int):
-        super().__init__(cfg, tp_group)
-        self.clf = ZeroLinear(cfg.d_model, num_classes)
-
-    def forward(self, h: torch.Tensor):
-        return head_outputs(self, self.clf, h)
-
-
-class PipelineFinetuneLoss:
-    """Loss on the last stage. Labels: ``(tokens, class labels)`` or ``(tokens, class labels, mask)``.
-
-    Keeps the micro-batches' components (``gen``, ``clf``, ``correct``, ``count``) for logging.
-    """
-
-    def __init__(self, tp_size: int, gen_weight: float):
-        self.tp_size, self.gen_weight = tp_size, gen_weight
-        self.reset()
-
-    def reset(self) -> None:
-        self.stats = torch.zeros(5, dtype=torch.float64)  # sum of gen, sum of clf, correct, samples, micro-batches
-
-    def __call__(self, outputs, labels) -> torch.Tensor:
-        logits, clf_logits = outputs
-        tokens, classes = labels[0], labels[1]
-        mask = labels[2] if len(labels) > 2 else None
-        out = finetune_loss(logits, clf_logits, tokens, classes, mask, self.gen_weight, self.tp_size)
-        self.stats += torch.tensor([float(out.gen), float(out.clf), float(out.correct), float(out.count), 1.0],
-                                   dtype=torch.float64)
-        return out.loss
-
-
-def model_param_name(name: str, n_layer: int, pipelined: bool) -> str:
-    """The plain model's name of a (possibly pipeline) parameter: ``<L+1>.clf.weight`` -> ``clf.weight``."""
-    if not pipelined:
-        return name
-    from igpt_ds.model.pipeline import pipe_to_model_name
-
-    full = pipe_to_model_name(name, n_layer)
-    return full[len("final."):] if full.startswith("final.clf.") else full
+def split_pretrained(sd: dict) -> tuple[dict, dict]:
+    """(backbone weights, class-head weights ``clf.*``) of a full state dict."""
+    return {k: v for k, v in sd.items() if k not in CLF_PARAMS}, {k: v for k, v in sd.items() if k in CLF_PARAMS}

@@ -13,10 +13,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from igpt_ds.config import ModelConfig
+from igpt_ds.model.classifier import ZeroLinear, head_outputs
+from igpt_ds.model.losses import RunningStats, finetune_loss, masked_mean, token_losses
 from igpt_ds.model.transformer import Block, Embedding, Head
-from igpt_ds.model.losses import token_losses
 
 
 class EmbeddingPipe(Embedding):
@@ -33,19 +36,58 @@ class HeadPipe(Head):
 
 
 class PipelineLoss:
-    """Mean token loss on the last stage: every position for AR, masked positions for BERT."""
+    """Mean token loss on the last stage: every position for AR, masked positions for BERT.
+
+    ``stats`` keeps the micro-batches' sums (``loss``, ``micro_batches``) for the loop's metrics.
+    """
+
+    STATS = ("loss", "micro_batches")
 
     def __init__(self, tp_size: int):
         self.tp_size = tp_size
+        self.stats = RunningStats(self.STATS)
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         tokens, mask = (labels[0], labels[1] if len(labels) > 1 else None) if isinstance(labels, (tuple, list)) \
             else (labels, None)
-        losses = token_losses(logits, tokens, self.tp_size)
-        if mask is None:
-            return losses.mean()
-        w = mask.to(losses.dtype)
-        return (losses * w).sum() / w.sum().clamp(min=1)
+        loss = masked_mean(token_losses(logits, tokens, self.tp_size), mask)
+        self.stats.add(loss=loss, micro_batches=1)
+        return loss
+
+
+class ClassifierHeadPipe(Head):
+    """Last pipeline layer of fine-tuning: final norm, logit head and class head.
+
+    Returns (token logits shard, class logits), as :meth:`IGPTClassifier.classify`.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, num_classes: int):
+        super().__init__(cfg, tp_group)
+        self.clf = ZeroLinear(cfg.d_model, num_classes)
+
+    def forward(self, h: torch.Tensor):
+        return head_outputs(self, self.clf, h)
+
+
+class PipelineFinetuneLoss:
+    """Fine-tuning loss on the last stage. Labels: ``(tokens, class labels)`` or ``(tokens, class labels, mask)``.
+
+    ``stats`` keeps the micro-batches' sums (``gen``, ``clf``, ``correct``, ``count``, ``micro_batches``).
+    """
+
+    STATS = ("gen", "clf", "correct", "count", "micro_batches")
+
+    def __init__(self, tp_size: int, gen_weight: float):
+        self.tp_size, self.gen_weight = tp_size, gen_weight
+        self.stats = RunningStats(self.STATS)
+
+    def __call__(self, outputs, labels) -> torch.Tensor:
+        logits, clf_logits = outputs
+        tokens, classes = labels[0], labels[1]
+        mask = labels[2] if len(labels) > 2 else None
+        out = finetune_loss(logits, clf_logits, tokens, classes, mask, self.gen_weight, self.tp_size)
+        self.stats.add(gen=out.gen, clf=out.clf, correct=out.correct, count=out.count, micro_batches=1)
+        return out.loss
 
 
 def build_pipeline_module(cfg: ModelConfig, tp_group: dist.ProcessGroup, pipeline_parallel: int,
@@ -57,9 +99,6 @@ def build_pipeline_module(cfg: ModelConfig, tp_group: dist.ProcessGroup, pipelin
     ``head_cls(cfg, tp_group, *head_args)`` replaces :class:`HeadPipe` and ``loss_fn`` the
     pretraining loss (fine-tuning's class head; see :mod:`igpt_ds.model.classifier`).
     """
-    from deepspeed.pipe import LayerSpec, PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
     specs = [LayerSpec(EmbeddingPipe, cfg, tp_group)]
     # Blocks checkpoint themselves when cfg.activation_checkpointing is on; no second layer of it here.
     specs += [LayerSpec(Block, cfg, tp_group) for _ in range(cfg.n_layer)]
@@ -99,3 +138,11 @@ def model_to_pipe_name(name: str, n_layer: int) -> str:
         idx, _, rest = rest.partition(".")
         return f"{int(idx) + 1}.{rest}"
     raise ValueError(f"{name!r} is not an IGPTModel parameter name")
+
+
+def model_param_name(name: str, n_layer: int, pipelined: bool) -> str:
+    """The plain model's name of a (possibly pipeline) parameter: ``<L+1>.clf.weight`` -> ``clf.weight``."""
+    if not pipelined:
+        return name
+    full = pipe_to_model_name(name, n_layer)
+    return full[len("final."):] if full.startswith("final.clf.") else full

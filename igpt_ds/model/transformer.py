@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import tensor_parallel as mtp
+from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -46,8 +48,6 @@ def resolve_tp_group(tp_group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup
 
 
 def megatron_config(tp_size: int):
-    from megatron.core.model_parallel_config import ModelParallelConfig
-
     # CPU initialisation builds each full ("master") weight with the same RNG stream on every rank
     # and keeps this rank's slice: a model built with the same seed is identical at any TP size.
     return ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
@@ -108,7 +108,6 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
         super().__init__()
-        from megatron.core import tensor_parallel as mtp
 
         tp, mcfg = tp_group.size(), megatron_config(tp_group.size())
         self.n_head_local, self.head_dim, self.causal = cfg.n_head // tp, cfg.head_dim, cfg.objective == "ar"
@@ -141,7 +140,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
         super().__init__()
-        from megatron.core import tensor_parallel as mtp
 
         mcfg = megatron_config(tp_group.size())
         self.fc = mtp.ColumnParallelLinear(cfg.d_model, cfg.d_ff, config=mcfg, init_method=_normal(0.02),
@@ -198,7 +196,6 @@ class Embedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
         super().__init__()
-        from megatron.core import tensor_parallel as mtp
 
         self.cfg = cfg
         self.wte = mtp.VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=_normal(0.02),
@@ -231,7 +228,6 @@ class Head(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
         super().__init__()
-        from megatron.core import tensor_parallel as mtp
 
         self.ln_f = make_norm(cfg)
         self.head = mtp.ColumnParallelLinear(cfg.d_model, cfg.vocab_size, config=megatron_config(tp_group.size()),

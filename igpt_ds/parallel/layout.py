@@ -15,6 +15,11 @@ import torch
 import torch.distributed as dist
 
 from igpt_ds.config import ModelConfig
+from igpt_ds.parallel.startup import watch_extension_build
+
+# DeepSpeed's pipeline engine runs with ZeRO-0/1 only: the one statement of that rule (the DS config check
+# and the planner ask it here).
+PIPELINE_ZERO_STAGES = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class ParallelLayout:
             raise ValueError(
                 f"world size {world} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}: "
                 f"launch a multiple of {tp * pp} processes or change --tensor-parallel/--pipeline-parallel")
-        if pp > 1 and zero_stage >= 2:
+        if pp > 1 and zero_stage not in PIPELINE_ZERO_STAGES:
             raise ValueError(
                 f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism (PP={pp}): "
                 f"DeepSpeed's pipeline engine supports ZeRO-0/1 only. Use a zero1_pipe_*.json config, "
@@ -113,15 +118,25 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, backend: Optional[str] = None,
-               model: Optional[ModelConfig] = None, zero_stage: int = 0) -> ParallelState:
+               model: Optional[ModelConfig] = None, zero_stage: int = 0,
+               layout: Optional[ParallelLayout] = None) -> ParallelState:
     """Validate the layout against the world, then build megatron-core's groups.
 
     Validation happens before any group is created, so an impossible layout fails fast on
-    every rank with the same message.
+    every rank with the same message. A caller that validated ``layout`` itself (the training
+    loop, which needs DP before it can read the DeepSpeed config) passes it and is not checked twice.
     """
     init_distributed(backend)
-    layout = ParallelLayout(dist.get_world_size(), tensor_parallel, pipeline_parallel)
-    layout.validate(model, zero_stage)
+    if layout is None:
+        layout = ParallelLayout(dist.get_world_size(), tensor_parallel, pipeline_parallel)
+        layout.validate(model, zero_stage)
+    elif (layout.world_size, layout.tensor_parallel, layout.pipeline_parallel) != \
+            (dist.get_world_size(), tensor_parallel, pipeline_parallel):
+        raise ValueError(f"layout {layout} does not describe this world ({dist.get_world_size()} ranks, "
+                         f"TP={tensor_parallel}, PP={pipeline_parallel})")
+    # Lazy here and below: megatron-core and DeepSpeed take seconds to import, and ParallelLayout's
+    # arithmetic (tools/plan.py, the Slurm scripts' checks) needs neither; DeepSpeed must also see
+    # DS_ACCELERATOR, which the entry points set first.
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
@@ -240,4 +255,8 @@ def init_deepspeed_comm() -> None:
     import deepspeed
 
     init_distributed()
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    # On a CPU this builds or loads DeepSpeed's shared-memory op (ShareMemCommBuilder), behind a
+    # lock file that a killed earlier start can leave behind: say what we wait for, and give up on
+    # a stale lock with the fix instead of hanging (igpt_ds/parallel/startup.py).
+    with watch_extension_build("DeepSpeed's CPU communication op", "deepspeed_shm_comm"):
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)

@@ -14,6 +14,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
@@ -32,6 +33,7 @@ def _rank_main(fn, rank, world, port, args, env, queue):
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    # Lazy: ``env`` (CUDA_VISIBLE_DEVICES, DS_ACCELERATOR, OMP_NUM_THREADS) must be set before torch loads.
     import torch
     import torch.distributed as dist
 
@@ -110,8 +112,6 @@ def launch(argv: Sequence[str], nprocs: int, timeout: float = 600.0, env: Option
     Returns each rank's CompletedProcess (stdout/stderr captured as text). Kills every rank on
     timeout and raises, so a hung collective cannot stall the test suite.
     """
-    import tempfile
-
     port = free_port()
     procs, logs = [], []
     for rank in range(nprocs):
@@ -133,7 +133,7 @@ def launch(argv: Sequence[str], nprocs: int, timeout: float = 600.0, env: Option
             p.kill()
             p.wait()
         tails = []
-        for rank, (out_f, err_f) in enumerate(logs):
+        for rank, (_out_f, err_f) in enumerate(logs):
             err_f.seek(0)
             tails.append(f"--- rank {rank} stderr tail ---\n{err_f.read()[-3000:]}")
         raise RuntimeError(f"{argv} on {nprocs} ranks did not finish within {timeout:.0f}s\n"

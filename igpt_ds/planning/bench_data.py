@@ -9,18 +9,16 @@ from typing import Optional
 import numpy as np
 
 from igpt_ds.config import get_preset
+from igpt_ds.data.shards import BuildSettings, build_shards, resize_view
+from igpt_ds.data.sources import ImageSource, open_source
 from igpt_ds.data.tokens import build_loader
 from igpt_ds.palette import quantize
-from igpt_ds.data.shards import BuildSettings, build_shards
-from igpt_ds.data.sources import ImageSource
 
 H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM datasheet, dense (no sparsity)
 
 
 def load_images(source: ImageSource, count: int = 0, resolution: int = 32) -> np.ndarray:
     """The first ``count`` images (0: all) of ``source`` at ``resolution`` (centre crop), uint8 (N, R, R, 3)."""
-    from igpt_ds.data.shards import resize_view
-
     n = len(source) if count <= 0 else min(count, len(source))
     return np.stack([resize_view(source[i][0], resolution, "center") for i in range(n)])
 
@@ -32,6 +30,7 @@ def compare_quantizers(images: np.ndarray, palette: np.ndarray, device: Optional
     The images are split into ``rounds`` parts, each timed with ours then HF's, so that both see
     the same machine load when other jobs share it.
     """
+    # Lazy: transformers takes seconds to import and only this comparison needs it.
     from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
 
     processor = ImageGPTImageProcessorPil(clusters=palette, do_resize=False)  # images are already at size
@@ -61,8 +60,6 @@ def loader_throughput(images: np.ndarray, labels: np.ndarray, palette: np.ndarra
 
     Runs whole epochs until ``min_samples`` are read; the time includes each epoch's worker start.
     """
-    from igpt_ds.data.sources import open_source
-
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(os.path.join(tmp, "bench.npz"), images=images, labels=labels)
         shard_dir = os.path.join(tmp, "shards")

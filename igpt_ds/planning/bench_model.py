@@ -17,23 +17,24 @@ from typing import Optional
 import torch
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.train.metrics import read_metrics
 from igpt_ds.data.synthetic import synthetic_sample
+from igpt_ds.train.args import PretrainArgs
+from igpt_ds.train.loop import Trainer
+from igpt_ds.train.metrics import read_metrics
+from igpt_ds.train.pretrain_task import PretrainTask
 
 
 def ours(model: str, resolution: int, ds_config: str, steps: int, warmup: int, tensor_parallel: int = 1,
          pipeline_parallel: int = 1, activation_checkpointing: bool = False, peak_tflops: Optional[float] = None,
          seed: int = 0) -> dict:
     """Median per-step metrics of ``steps`` timed training steps after ``warmup`` untimed ones."""
-    from igpt_ds.train.loop import TrainArgs, Trainer
-
     with tempfile.TemporaryDirectory(prefix="igpt-bench-") as tmp:
-        args = TrainArgs(model=model, resolution=resolution, activation_checkpointing=activation_checkpointing,
+        args = PretrainArgs(model=model, resolution=resolution, activation_checkpointing=activation_checkpointing,
                          deepspeed_config=ds_config, tensor_parallel=tensor_parallel,
                          pipeline_parallel=pipeline_parallel, train_steps=warmup + steps, warmup_steps=0,
                          save=tmp, save_interval=0, seed=seed, peak_tflops=peak_tflops, progress=False,
                          num_workers=0)
-        trainer = Trainer(args)
+        trainer = Trainer(args, PretrainTask(args))
         trainer.args.save = None  # metrics only: no checkpoint at the end
         trainer.train()
         records = read_metrics(f"{tmp}/metrics.jsonl") if trainer.is_rank0 else []
@@ -49,6 +50,7 @@ def ours(model: str, resolution: int, ds_config: str, steps: int, warmup: int, t
 def hugging_face(cfg: ModelConfig, batch_size: int, steps: int, warmup: int, lr: float = 1e-3,
                  seed: int = 0) -> dict:
     """Median step time of HF ImageGPT of the same size, fp32, on the same synthetic batches."""
+    # Lazy: transformers takes seconds to import and only the reference run needs it.
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
     hf_cfg = ImageGPTConfig(vocab_size=cfg.vocab_size + 1, n_positions=cfg.seq_len, n_embd=cfg.d_model,

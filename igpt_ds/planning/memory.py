@@ -16,11 +16,14 @@ import weakref
 from typing import Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from igpt_ds.config import ModelConfig
+from igpt_ds.model.losses import bert_mask, compute_loss
+from igpt_ds.model.transformer import IGPTModel
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -86,11 +89,6 @@ def measure_train_step(cfg: ModelConfig, micro_batch: int, activation_checkpoint
     for backward, plus the loss) and ``peak`` (the largest live total during the step).
     On CUDA ``peak`` is ``torch.cuda.max_memory_allocated``.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from igpt_ds.model.transformer import IGPTModel
-    from igpt_ds.model.losses import bert_mask, compute_loss
-
     torch.manual_seed(seed)
     cfg = cfg.replace(activation_checkpointing=activation_checkpointing)
     model = IGPTModel(cfg).to(device).train()

@@ -1,53 +1,11 @@
 """Memory and layout planner: will a model, batch and DP x TP x PP layout fit on these GPUs?
 
 Everything is arithmetic on :class:`~igpt_ds.config.ModelConfig`; nothing is allocated. Each figure
-is per GPU, for the heaviest pipeline stage, in bytes (printed in GiB = 2^30 bytes).
-
-Model states (P = parameters held by this GPU's TP/PP shard, N = data-parallel size)
--------------------------------------------------------------------------------
-Mixed precision (fp16/bf16) follows DeepSpeed's accounting, term by term as its estimators
-(``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``, no offload):
-
-    16-bit weights 2 B, 16-bit gradients 2 B, fp32 master weights 4 B, Adam m and v 8 B, and the
-    fp32 gradient partition the optimizer steps on 4 B (ZeRO-0: the BF16/FP16 optimizer's fp32 grads).
-
-    ZeRO-0: 20 P                     (nothing sharded)
-    ZeRO-1: 4 P + 16 P / N           (master, Adam, fp32 grads sharded)
-    ZeRO-2: 2 P + 18 P / N           (= DeepSpeed's ZeRO-2 estimate; 16-bit grads sharded too)
-    ZeRO-3: 18 P / N + 4 P_layer     (= DeepSpeed's ZeRO-3 estimate: it reduce-scatters the 16-bit
-                                      grads into the fp32 partition, so 2 + 4 + 4 + 8 = 18, plus the
-                                      largest layer gathered for compute, 4 B/param of it)
-
-fp32: weights 4 B, gradients 4 B, Adam 8 B = 16 P, sharded the same way by stage (DeepSpeed has no
-estimator for it).
-
-Activations (per layer and micro-batch; Korthikanti et al. 2022, "Reducing Activation
-Recomputation in Large Transformer Models", Sec. 4, adapted to this model)
--------------------------------------------------------------------------------
-With s = sequence length, b = micro-batch, h = width, a = heads, t = TP, e = bytes per activation
-(2 for fp16/bf16, 4 for fp32). Korthikanti's GPT layer stores ``sbh(34 + 5as/h)`` bytes at e=2
-(``sbh(10 + 24/t + 5as/(ht))`` with TP). This model has no dropout (drop its 2 sbh masks and the
-as^2 b softmax-dropout terms) and attention runs through torch SDPA, whose fused kernels (flash /
-memory-efficient on GPU, the flash kernel on CPU in torch >= 2.2) keep no s x s score matrix:
-
-    replicated over TP:  block input (LN1 in), LN1 out (QKV in), LN2 in, LN2 out (FC in)   4 sbh e
-    sharded over TP:     q, k, v 3, SDPA output = proj input 1, GELU in 4, MLP proj in 4   12 sbh e / t
-    small:               LayerNorm mean/rstd (fp32) 16 sb; SDPA log-sum-exp (fp32) 4 asb / t
-    math attention (``attention="math"``, no fused kernel): + softmax output e a s^2 b / t
-                         + the head-merge copy sbh e / t
-
-i.e. Korthikanti's ``sbh(8 + 24/t)`` at e = 2. The fused kernels return their output in
-[b, s, heads, head_dim] memory order, so the head-merge reshape is a view and the projection's
-saved input is the SDPA output itself; the math path's output is [b, heads, s, head_dim] and the
-reshape copies. Full activation checkpointing (``torch.utils.checkpoint`` per block) keeps only
-the block input, ``sbh e`` per layer, and recomputes one layer at a time in backward, so one full
-layer is live on top. The head keeps the final norm's input and output (2 sbh e) and the loss's
-logits: ``bsV/t`` at e, plus its fp32 copy (if e < 4) and the fp32 log-softmax.
-
-Pipeline parallelism: with 1F1B scheduling (DeepSpeed's ``TrainSchedule``) stage ``i`` of ``p``
-holds ``min(p - i, gradient accumulation steps)`` micro-batches in flight, so the first stage
-stores ``p`` micro-batches of its ``L/p`` layers (Korthikanti Sec. 4.2.3): PP does not shrink
-activation memory, it only splits the model states.
+is per GPU, for the heaviest pipeline stage, in bytes (printed in GiB = 2^30 bytes). The terms
+(model states under each ZeRO stage and precision, activations per layer with and without
+checkpointing, in-flight micro-batches under 1F1B) and their derivation are in
+:mod:`igpt_ds.planning.costs`; this module adds them up per stage, explains the sum line by line,
+and searches the layouts that fit.
 
 Fits: usable memory = (GPU memory - 2 GiB for the CUDA context, NCCL and cuBLAS workspaces) x 0.9
 (allocator fragmentation). The predicted peak adds every term at once (full gradients and all
@@ -61,125 +19,21 @@ from typing import Iterable, Optional
 
 from igpt_ds.config import ModelConfig
 from igpt_ds.parallel.layout import ParallelLayout
+from igpt_ds.planning.costs import (
+    GIB,
+    activation_bytes_per_layer,
+    bytes_per_activation,
+    gib,
+    head_activation_bytes,
+    largest_layer_parameters,
+    model_state_bytes,
+    stage_layers,
+    stage_parameters,
+)
 
-GIB = 2 ** 30
-PRECISIONS = ("fp32", "fp16", "bf16")
 CONTEXT_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, cuBLAS workspace
 FRAGMENTATION = 0.10  # fraction of the rest lost to the caching allocator
 TP_LAYOUT_HINT = "tensor parallelism all-reduces twice per layer and needs NVLink: keep it inside a node"
-
-
-def gib(n_bytes: float) -> float:
-    return n_bytes / GIB
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-def _norm_params(cfg: ModelConfig) -> int:
-    return cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-
-
-def block_parameters(cfg: ModelConfig, tp: int = 1) -> int:
-    """Parameters of one transformer block on one TP rank (column/row weights split, rest replicated)."""
-    d, f, b = cfg.d_model, cfg.d_ff, 1 if cfg.bias else 0
-    qkv = 3 * d * d // tp + 3 * d * b // tp  # column-parallel: weight and bias split
-    proj = d * d // tp + d * b  # row-parallel: weight split, bias replicated
-    fc = f * d // tp + f * b // tp
-    mlp_proj = d * f // tp + d * b
-    return 2 * _norm_params(cfg) + qkv + proj + fc + mlp_proj
-
-
-def embedding_parameters(cfg: ModelConfig, tp: int = 1) -> int:
-    """Token embedding (vocab-parallel), positions and the AR start-of-sequence vector."""
-    return cfg.vocab_size * cfg.d_model // tp + cfg.seq_len * cfg.d_model + (cfg.d_model if cfg.objective == "ar" else 0)
-
-
-def head_parameters(cfg: ModelConfig, tp: int = 1) -> int:
-    """Final norm and the (vocab-parallel, bias-free) logit projection."""
-    return _norm_params(cfg) + cfg.vocab_size * cfg.d_model // tp
-
-
-def stage_layers(n_layer: int, pp: int) -> list[int]:
-    """Blocks per pipeline stage: an even split, the first ``n_layer % pp`` stages one more."""
-    return [n_layer // pp + (1 if i < n_layer % pp else 0) for i in range(pp)]
-
-
-def stage_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1) -> list[int]:
-    """Parameters held by one TP rank of each pipeline stage (embeddings first, head last)."""
-    out = []
-    for i, n in enumerate(stage_layers(cfg.n_layer, pp)):
-        p = n * block_parameters(cfg, tp)
-        p += embedding_parameters(cfg, tp) if i == 0 else 0
-        p += head_parameters(cfg, tp) if i == pp - 1 else 0
-        out.append(p)
-    return out
-
-
-def largest_layer_parameters(cfg: ModelConfig, tp: int = 1) -> int:
-    """Largest module's own parameters, as DeepSpeed's ``model_to_params`` counts them (ZeRO-3)."""
-    d, f, b = cfg.d_model, cfg.d_ff, 1 if cfg.bias else 0
-    return max(3 * d * d // tp + 3 * d * b // tp, d * d // tp + d * b, f * d // tp + f * b // tp,
-               d * f // tp + d * b, cfg.vocab_size * d // tp, cfg.seq_len * d, _norm_params(cfg))
-
-
-# --------------------------------------------------------------------------- model states
-
-
-def model_state_bytes(params: int, dp: int, zero_stage: int, precision: str,
-                      largest_layer: int = 0) -> dict[str, int]:
-    """Per-GPU bytes of weights, gradients and optimizer states for ``params`` on this GPU.
-
-    ``dp`` is the data-parallel (ZeRO sharding) degree. The optimizer entry holds the fp32 master
-    weights, Adam's two moments and the fp32 gradient partition. ZeRO-3 adds ``4 * largest_layer``
-    to the weights (the gathered layer, DeepSpeed's figure). Sum = DeepSpeed's estimate for
-    ZeRO-2/3 in mixed precision (see the module docstring).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage {zero_stage}: choose 0, 1, 2 or 3")
-    P, N = params, dp
-    shard = lambda nbytes, stage: nbytes * P // N if zero_stage >= stage else nbytes * P  # noqa: E731
-    if precision == "fp32":
-        weights, grads, optim = shard(4, 3), shard(4, 2), shard(8, 1)
-    elif zero_stage == 3:
-        # DeepSpeed's 18 B/param: 16-bit weights 2, fp32 grads 4, master 4, Adam 8 (no 16-bit grad copy)
-        weights, grads, optim = 2 * P // N, 4 * P // N, 12 * P // N
-    else:
-        weights, grads, optim = 2 * P, shard(2, 2), shard(16, 1)
-    if zero_stage == 3:
-        weights += 4 * largest_layer
-    return {"weights": weights, "gradients": grads, "optimizer": optim}
-
-
-# --------------------------------------------------------------------------- activations
-
-
-def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, precision: str, tp: int = 1,
-                               attention: str = "flash") -> int:
-    """Bytes one block keeps for backward for one micro-batch (no checkpointing)."""
-    s, b, h, a, e = cfg.seq_len, micro_batch, cfg.d_model, cfg.n_head, _act_bytes(precision)
-    sbh = s * b * h
-    n = 4 * sbh * e + 12 * sbh * e // tp + 16 * s * b + 4 * a * s * b // tp
-    if attention == "math":
-        n += e * a * s * s * b // tp + sbh * e // tp  # softmax output; head-merge copy
-    elif attention != "flash":
-        raise ValueError(f"attention={attention!r}: 'flash' (fused SDPA kernels) or 'math'")
-    return n
-
-
-def head_activation_bytes(cfg: ModelConfig, micro_batch: int, precision: str, tp: int = 1) -> int:
-    """Final norm input/output and the loss's logits (16-bit or fp32, fp32 copy, fp32 log-softmax)."""
-    s, b, e = cfg.seq_len, micro_batch, _act_bytes(precision)
-    logits = s * b * cfg.vocab_size // tp
-    return 2 * s * b * cfg.d_model * e + logits * (e + 4 + (4 if e < 4 else 0))
-
-
-def _act_bytes(precision: str) -> int:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
-    return 4 if precision == "fp32" else 2
 
 
 # --------------------------------------------------------------------------- the plan
@@ -205,7 +59,7 @@ class PlanInput:
         """Refuse an impossible request with the reason and the fix (reuses ParallelLayout.validate)."""
         if self.micro_batch < 1:
             raise ValueError(f"micro-batch {self.micro_batch} must be >= 1")
-        _act_bytes(self.precision)
+        bytes_per_activation(self.precision)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage {self.zero_stage}: choose 0, 1, 2 or 3")
         if self.gpu_memory_gib <= CONTEXT_RESERVE_GIB:
@@ -295,12 +149,13 @@ def plan(req: PlanInput) -> Plan:
     layers, params = stage_layers(cfg.n_layer, pp), stage_parameters(cfg, tp, pp)
     largest = largest_layer_parameters(cfg, tp)
     per_layer = activation_bytes_per_layer(cfg, req.micro_batch, req.precision, tp, req.attention)
+    e = bytes_per_activation(req.precision)
     if req.attention == "math":
         # its backward holds the gradients of the probabilities and of the scores at once
-        per_layer_bwd = 2 * _act_bytes(req.precision) * cfg.n_head * cfg.seq_len ** 2 * req.micro_batch // tp
+        per_layer_bwd = 2 * e * cfg.n_head * cfg.seq_len ** 2 * req.micro_batch // tp
     else:
         per_layer_bwd = 0
-    layer_input = cfg.seq_len * req.micro_batch * cfg.d_model * _act_bytes(req.precision)
+    layer_input = cfg.seq_len * req.micro_batch * cfg.d_model * e
     head = head_activation_bytes(cfg, req.micro_batch, req.precision, tp)
     gas = req.grad_accum if req.grad_accum is not None else pp
 
@@ -330,9 +185,9 @@ def plan(req: PlanInput) -> Plan:
 def _arithmetic(p: Plan, n_layers: int, per_layer: int, layer_input: int, head: int, bwd: int) -> list[str]:
     """The plan as human-readable arithmetic, one line per figure."""
     r, cfg = p.request, p.request.model
-    lo, e = r.layout, _act_bytes(r.precision)
+    lo, e = r.layout, bytes_per_activation(r.precision)
     tp, pp, dp = lo.tensor_parallel, lo.pipeline_parallel, lo.data_parallel
-    P, N, z = p.stage_parameters, dp, r.zero_stage
+    P, z = p.stage_parameters, r.zero_stage
     s, b, h, a = cfg.seq_len, r.micro_batch, cfg.d_model, cfg.n_head
     G = lambda n: f"{gib(n):.2f} GiB"  # noqa: E731
     head_here = head if p.stage == pp - 1 else 0

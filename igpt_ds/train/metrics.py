@@ -66,7 +66,7 @@ class GPUMonitor:
         if not torch.cuda.is_available():
             return
         try:
-            import pynvml
+            import pynvml  # optional: only CUDA runs read GPU telemetry
 
             pynvml.nvmlInit()
             index = torch.cuda.current_device()
@@ -97,7 +97,7 @@ class MetricsWriter:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
                 self.tb = SummaryWriter(str(Path(directory) / "tensorboard"))
             except ImportError:  # tensorboard is optional for the JSON lines
