@@ -51,38 +51,26 @@ def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor], str
     tp_group = getattr(model, "tp_group", None)
     tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.is_initialized() else 0
     tp_size = getattr(model, "tp_size", 1)
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     if strict:
-        missing, unexpected = sorted(set(own) - set(full)), sorted(set(full) - set(own))
+        own = set(params) | set(buffers)
+        missing, unexpected = sorted(own - set(full)), sorted(set(full) - own)
         if missing or unexpected:
             raise ValueError(f"state dict does not match the model: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
+    load_full(model, full, tp_rank, tp_size, optional=() if strict else params.keys(),
+              source=f"TP rank {tp_rank} of {tp_size}")
     with torch.no_grad():
-        for name, p in own.items():
-            if name not in full:
-                continue
-            src = full[name]
-            if is_tp_sharded(p):
-                src = shard(src, p.partition_dim, p.partition_stride, tp_rank, tp_size)
-            if src.shape != p.shape:
-                raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit the model's {tuple(p.shape)} "
-                                 f"(TP rank {tp_rank} of {tp_size})")
-            p.copy_(src.to(p.dtype))
+        for name, b in buffers.items():
+            if name in full:
+                b.copy_(full[name].to(b.dtype))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gather the full (TP=1 layout) state dict on every TP rank; a collective over the TP group."""
-    tp_group = getattr(model, "tp_group", None)
-    tp_size = getattr(model, "tp_size", 1)
-    out = {}
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        t = p.detach()
-        if is_tp_sharded(p) and tp_size > 1:
-            parts = [torch.empty_like(t) for _ in range(tp_size)]
-            dist.all_gather(parts, t.contiguous(), group=tp_group)
-            t = unshard(parts, p.partition_dim, p.partition_stride)
-        out[name] = t.clone()
+    """Gather the full (TP=1 layout) state dict on every TP rank, in the model's dtype and device; a
+    collective over the TP group."""
+    out = gather_full(model, getattr(model, "tp_group", None), getattr(model, "tp_size", 1), fp32_cpu=False)
+    out.update({name: b.detach().clone() for name, b in model.named_buffers()})
     return out
 
 
@@ -119,10 +107,11 @@ def load_full(module: nn.Module, full: Mapping[str, torch.Tensor], tp_rank: int,
             p.copy_(src.to(p.dtype))
 
 
-def gather_full(module: nn.Module, tp_group, tp_size: int,
-                name_of: Callable[[str], str] = lambda name: name) -> dict[str, torch.Tensor]:
-    """This rank's (stage's) parameters as full fp32 CPU tensors under ``name_of`` names. Collective
-    over the ZeRO-3 and TP groups: every rank calls it and gets the same tensors within its stage."""
+def gather_full(module: nn.Module, tp_group, tp_size: int, name_of: Callable[[str], str] = lambda name: name,
+                fp32_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """This rank's (stage's) parameters as full tensors under ``name_of`` names: fp32 on the CPU (an
+    export), or with ``fp32_cpu=False`` in the parameters' own dtype and device. Collective over the
+    ZeRO-3 and TP groups: every rank calls it and gets the same tensors within its stage."""
     named = list(module.named_parameters())
     out = {}
     with _gathered(named):
@@ -132,7 +121,7 @@ def gather_full(module: nn.Module, tp_group, tp_size: int,
                 parts = [torch.empty_like(t) for _ in range(tp_size)]
                 dist.all_gather(parts, t.contiguous(), group=tp_group)
                 t = unshard(parts, p.partition_dim, p.partition_stride)
-            out[name_of(name)] = t.to("cpu", torch.float32).clone()
+            out[name_of(name)] = t.to("cpu", torch.float32).clone() if fp32_cpu else t.clone()
     return out
 
 

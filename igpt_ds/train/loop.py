@@ -118,7 +118,9 @@ class Trainer:
             self.engine.train_batch(data_iter=pipe_iter() if self.reads_data else None)
             # The loss is computed on the last stage, once per TP group: those ranks contribute.
             contributes = self.is_last_stage and self.state.tp_rank == 0
-            sums = task.stats.tensor() if contributes else torch.zeros_like(task.stats.tensor())
+            if not contributes:
+                task.stats.reset()  # zeros: this rank computed no loss
+            sums = task.stats.tensor(self.device)
             dist.all_reduce(sums)
         else:
             for m in range(gas):
@@ -127,7 +129,7 @@ class Trainer:
                 if m == gas - 1 and self.ds.zero_stage == 0 and self.engine.get_global_grad_norm() is None:
                     self._grad_norm = self._compute_grad_norm()
                 self.engine.step()
-            sums = task.stats.tensor()
+            sums = task.stats.tensor(self.device)  # collectives on the compute device (NCCL has no CPU tensors)
             if self.layout.data_parallel > 1:
                 dist.all_reduce(sums, group=self.state.dp_group)
         return task.step_record(task.stats.named(sums.cpu())), wait
