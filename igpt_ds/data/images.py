@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from igpt_ds.data.shards import resize_view
 from igpt_ds.data.sources import ImageSource, SubsetSource
 from igpt_ds.palette import palette_sha256, quantize
+from igpt_ds.parallel import signals
 
 AUGMENTATIONS = ("cifar", "random-resized-crop", "none")
 
@@ -92,7 +93,8 @@ class _EpochBatches(Dataset):
                 "valid": torch.from_numpy(self.valid[b].copy()), "keys": keys}
 
 
-def _worker_init(_):
+def _worker_init(worker_id: int) -> None:
+    signals.worker_init(worker_id)  # the job's SIGTERM/SIGUSR1 go to the trainer, not kill the worker
     torch.set_num_threads(1)  # one worker per core; quantize's blocks are too small for threads
 
 

@@ -56,6 +56,7 @@ from igpt_ds.data.manifest import (
     check_manifest,
     read_manifest,
 )
+from igpt_ds.parallel import signals
 
 __all__ = ["build_loader", "read_manifest", "TokenLoader", "ShardSpec", "epoch_segments", "ShardError"]
 
@@ -354,8 +355,9 @@ class TokenLoader:
         while self.epochs is None or self.epoch < self.epochs:
             if self.batch < self.batches_per_epoch:
                 stream = _EpochStream(self, self.epoch, self.batch)
+                # worker_init: the job's SIGTERM/SIGUSR1 go to the trainer instead of killing a worker
                 loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                    pin_memory=self.pin_memory)
+                                    pin_memory=self.pin_memory, worker_init_fn=signals.worker_init)
                 for batch in loader:
                     self.batch += 1
                     yield batch

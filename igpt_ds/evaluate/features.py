@@ -58,6 +58,7 @@ from igpt_ds.evaluate.feature_files import (  # noqa: F401 (re-exported)
 )
 from igpt_ds.model.losses import bert_mask
 from igpt_ds.palette import load_palette, palette_sha256, quantize
+from igpt_ds.parallel import signals
 
 # ---------------------------------------------------------------------------------------------
 # The feature definition
@@ -212,7 +213,7 @@ def source_batches(source, palette: np.ndarray, resolution: int, start: int, end
     the one quantizer of the project) on ``device``.
     """
     loader = torch.utils.data.DataLoader(_ResizedImages(source, start, end, resolution), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
+                                         shuffle=False, num_workers=num_workers, worker_init_fn=signals.worker_init)
     for images, labels, index in loader:
         tokens = quantize(images.to(device), palette, device=device)
         yield {"tokens": tokens, "labels": labels.numpy(), "index": index.numpy()}

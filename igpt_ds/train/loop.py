@@ -8,13 +8,13 @@ DeepSpeed config, megatron-core's groups, the training loader (sharded by DP ran
 the task's model (under ``zero.Init`` for ZeRO-3, a PipelineModule stage for PP > 1) with its
 weights, Adam and the engine; then ``--load`` resumes. :meth:`Trainer.train` runs steps, the
 task's evaluation, metrics and checkpoints (:mod:`igpt_ds.checkpoint.run`). SIGTERM/SIGUSR1 and
-``--max-minutes`` end the run at the same step on every rank, with a checkpoint, exit code 0.
+``--max-minutes`` end the run at the same step on every rank, with a checkpoint, exit code 0; a
+signal during start-up ends it before step 1 without one (:mod:`igpt_ds.parallel.signals`).
 The task interface is :mod:`igpt_ds.train.task`.
 """
 from __future__ import annotations
 
 import math
-import signal
 import time
 from typing import Iterator, Optional
 
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from igpt_ds.checkpoint import run as run_checkpoint
 from igpt_ds.palette import save_palette
 from igpt_ds.parallel import layout as parallel
+from igpt_ds.parallel import signals
 from igpt_ds.train.engine import DSSettings, build_engine, load_ds_config, set_schedule_step
 from igpt_ds.train.metrics import GPUMonitor, MetricsWriter, peak_flops, peak_memory_bytes
 
@@ -36,6 +37,9 @@ class TrainingDiverged(FloatingPointError):
 class Trainer:
     def __init__(self, args, task):
         self.args, self.task = args, task
+        if not signals.installed():  # the entry points install them before any import; library callers here
+            signals.install()
+        self.started = time.monotonic()  # --max-minutes counts start-up too: it is wall-clock time of the job
         parallel.init_distributed()
         self.rank = dist.get_rank()
         self.is_rank0 = self.rank == 0
@@ -71,7 +75,7 @@ class Trainer:
         self.engine, self.scheduler = build_engine(module, self.state, self.ds, args.lr, schedule,
                                                    getattr(args, "adam_eps", 1e-8))
         self.step = 0
-        self.stop_signal = None
+        self.stop_reason = None  # a signal number, or "time"
         self._grad_norm: Optional[float] = None
         self.metrics = MetricsWriter(args.save, enabled=self.is_rank0)
         self.gpu = GPUMonitor()
@@ -212,17 +216,24 @@ class Trainer:
             print(f"note: {directory}/{tag} holds no data position for this layout: the data restarts its epoch")
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _on_signal(self, signum, frame):
-        self.stop_signal = signum
-
     def _should_stop(self) -> bool:
+        """Collective: a job signal (here or on any rank, since start-up) or the spent --max-minutes."""
+        if self.stop_reason is None and signals.received() is not None:
+            self.stop_reason = signals.received()
         out_of_time = self.args.max_minutes is not None and \
             time.monotonic() - self.started > 60 * self.args.max_minutes
-        if out_of_time and self.stop_signal is None:
-            self.stop_signal = "time"
-        flag = torch.tensor([1 if self.stop_signal is not None else 0])
+        if out_of_time and self.stop_reason is None:
+            self.stop_reason = "time"
+        flag = torch.tensor([1 if self.stop_reason is not None else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
+
+    def _why_stopped(self) -> str:
+        if self.stop_reason == "time":
+            return f"--max-minutes {self.args.max_minutes} reached"
+        if self.stop_reason is None:
+            return "a stop signal reached another rank"
+        return f"received signal {signals.describe(self.stop_reason)}"
 
     def _batches(self) -> Optional[Iterator[dict]]:
         """Endless training batches (a finite loader restarts at its next epoch)."""
@@ -237,9 +248,14 @@ class Trainer:
 
     def train(self) -> dict:
         args, task = self.args, self.task
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        self.started = time.monotonic()
+        if self._should_stop():  # a signal during start-up: nothing new to save; --load resumes where we were
+            if self.is_rank0:
+                where = run_checkpoint.last_good(args.save)
+                resume = f"--load {args.save} resumes from {where}" if where else "no checkpoint yet"
+                print(f"{self._why_stopped()} before step {self.step + 1}: nothing new to save, exiting ({resume})",
+                      flush=True)
+            self.metrics.close()
+            return {}
         it = self._batches()
         bar = None
         if self.is_rank0 and args.progress:
@@ -284,11 +300,9 @@ class Trainer:
                 self.save()
             if stop:
                 if self.is_rank0:
-                    why = f"--max-minutes {args.max_minutes} reached" if self.stop_signal == "time" else \
-                        f"received signal {self.stop_signal or 'on another rank'}"
                     saved = f"checkpoint saved at step {self.step}" if args.save else \
                         f"no --save, nothing saved at step {self.step}"
-                    print(f"{why}: {saved}, exiting", flush=True)
+                    print(f"{self._why_stopped()}: {saved}, exiting", flush=True)
                 break
             if task_stop:
                 break
