@@ -222,11 +222,12 @@ class Trainer:
             self.stop_reason = signals.received()
         out_of_time = self.args.max_minutes is not None and \
             time.monotonic() - self.started > 60 * self.args.max_minutes
-        if out_of_time and self.stop_reason is None:
-            self.stop_reason = "time"
-        flag = torch.tensor([1 if self.stop_reason is not None else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(flag.item())
+        # [a signal somewhere, the budget spent somewhere]: every rank stops at the same step, for the same reason
+        flags = torch.tensor([int(isinstance(self.stop_reason, int)), int(out_of_time or self.stop_reason == "time")])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if self.stop_reason is None and flags[1] and not flags[0]:
+            self.stop_reason = "time"  # another rank's clock crossed the budget first
+        return bool(flags.any())
 
     def _why_stopped(self) -> str:
         if self.stop_reason == "time":
