@@ -1,10 +1,13 @@
-"""slurm/: syntax and shellcheck of every script, the dry run's ranks, the lr-search decision."""
+"""slurm/: syntax and shellcheck of every script, the dry run's ranks, bad input, the requeue rule
+(real bash, real signals, stub Slurm commands), the lr-search decision."""
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -98,16 +101,46 @@ def test_dry_run_deepspeed_launcher_hostfile():
 @pytest.mark.parametrize("env, message", [
     ({"TP": "3"}, "world size 16 is not divisible by TP x PP = 3 x 1 = 3"),
     ({"TP": "16", "SLURM_GPUS_PER_NODE": "8", "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_NNODES": "4"},
-     "TP=16 is larger than a node"),
+     "TP=16 is larger than a node (GPUS_PER_NODE=8): tensor parallelism needs NVLink inside a node; set TP <= 8"),
+    # one node: 16 does not divide 8 either, but the message must be about TP, not the node count
+    ({"TP": "16", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"}, "TP=16 is larger than a node (GPUS_PER_NODE=8)"),
     ({"PP": "2", "DS_CONFIG": "CONFIG"}, "ZeRO stage 3 cannot be combined with pipeline parallelism"),
+    # sbatch --gpus-per-node=0 (a CPU run) without GPUS_PER_NODE: world size 0 before
+    ({"SLURM_GPUS_PER_NODE": "0"}, "SLURM_GPUS_PER_NODE (sbatch --gpus-per-node) gives 0 GPUs per node, "
+                                   "so no rank could start: set GPUS_PER_NODE=<ranks per node>"),
+    ({"GPUS_PER_NODE": "none"}, "GPUS_PER_NODE gives none GPUs per node"),
+    ({"MODEL": "igpt-tiny"}, "DS_CONFIG is unset and MODEL=igpt-tiny has no preset config ds_configs/igpt-tiny.json: "
+                             "set DS_CONFIG=ds_configs/<name>.json"),
+    ({"DS_CONFIG": "ds_configs/nope.json"}, "DS_CONFIG=ds_configs/nope.json not found"),
+    ({"SAVE": "runs/x-{task}"}, "SAVE=runs/x-{task} has {task} but this is no array job"),
 ])
-def test_dry_run_refuses_bad_layouts(env, message, tmp_path):
+def test_dry_run_refuses_bad_input(env, message, tmp_path):
     if env.get("DS_CONFIG") == "CONFIG":
         cfg = tmp_path / "z3.json"
         cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
         env = {**env, "DS_CONFIG": str(cfg)}
     r = dry_run("pretrain_m.sbatch", env)
     assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
+    # one line that names the variable and the fix, and nothing launched
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert "srun" not in r.stdout and not RANK_LINE.search(r.stdout)
+
+
+def test_array_tasks_get_their_own_save(tmp_path):
+    (tmp_path / "run-3").mkdir()
+    (tmp_path / "run-3" / "latest").write_text("global_step7")
+    for save, expected in [(f"{tmp_path}/run", f"{tmp_path}/run-3"), (f"{tmp_path}/run/", f"{tmp_path}/run-3"),
+                           (f"{tmp_path}/run-{{task}}/ckpt", f"{tmp_path}/run-3/ckpt")]:
+        r = dry_run("pretrain_s.sbatch", {"SAVE": save, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_JOB_ID": "4240",
+                                          "SLURM_JOB_NODELIST": "node01", "SLURM_NNODES": "1"})
+        assert r.returncode == 0, r.stderr
+        assert f"array task 3 of job 4240: SAVE={expected}" in r.stdout
+        rows = [line for line in r.stdout.splitlines() if RANK_LINE.match(line)]
+        assert len(rows) == 8 and all(f"--save {expected} " in row for row in rows)
+        # resume looks in the task's own SAVE
+        assert all((f"--load {expected}" in row) == expected.endswith("run-3") for row in rows)
+    r = dry_run("pretrain_s.sbatch", {"SAVE": f"{tmp_path}/run", "SLURM_JOB_NODELIST": "node01", "SLURM_NNODES": "1"})
+    assert f"--save {tmp_path}/run " in r.stdout and "array task" not in r.stdout
 
 
 def test_dry_run_feature_extraction_shards():
@@ -118,7 +151,8 @@ def test_dry_run_feature_extraction_shards():
     assert len(lines) == 16
     for i, line in enumerate(lines):
         assert f"--shard-index {i} --num-shards 16" in line
-        assert f"--out feats/c10-test.shard{i}-of-16.npz" in line
+        # every task names OUT itself; the tool adds its slice's .partNNNNN-of-NNNNN (issue 19)
+        assert "--out feats/c10-test.npz" in line and ".shard" not in line
         assert f"CUDA_VISIBLE_DEVICES={i % 8}" in line
         assert "--split test --layers all" in line
 
@@ -135,6 +169,207 @@ def test_outside_slurm_without_dry_run_says_how():
     r = subprocess.run(["bash", os.path.join(SLURM, "pretrain_s.sbatch")], env={**e, "IGPT_ROOT": ROOT},
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "DRY_RUN=1" in r.stderr
+
+
+# ----------------------------------------------------------------------------- signals and requeue
+#
+# The batch script for real: bash runs slurm/pretrain_s.sbatch with stub scontrol/scancel/srun on
+# PATH. srun starts a fake trainer that waits for SIGUSR1/SIGTERM, then "saves" (writes SAVE/latest
+# when FAKE_SAVE_TAG is set) and exits FAKE_RC; scancel delivers its signal to that trainer. The test
+# sends the batch shell the signal Slurm would send, and reads which Slurm commands the script ran.
+
+STUBS = {
+    "scontrol": """#!/bin/bash
+echo "scontrol $*" >>"$STUB_DIR/log"
+case "$1" in
+  show)
+    if [[ "$2" == hostnames ]]; then echo node01; exit 0; fi
+    echo "JobId=$SLURM_JOB_ID JobName=igpt-s JobState=RUNNING Reason=None Requeue=1 Restarts=0" \\
+      "RunTime=00:00:01 TimeLimit=${STUB_TIME_LIMIT:-2-00:00:00} TimeMin=N/A" \\
+      "PreemptEligibleTime=2026-12-01T10:00:00 PreemptTime=${STUB_PREEMPT_TIME:-None} SuspendTime=None" ;;
+  requeue) exit "${STUB_REQUEUE_RC:-0}" ;;
+esac
+""",
+    "scancel": """#!/bin/bash
+echo "scancel $*" >>"$STUB_DIR/log"
+sig=KILL
+for a in "$@"; do case "$a" in --signal=*) sig="${a#--signal=}" ;; esac; done
+kill -s "$sig" "$(cat "$STUB_DIR/trainer.pid")"
+""",
+    "srun": """#!/bin/bash
+echo "srun $*" >>"$STUB_DIR/log"
+exec bash "$STUB_DIR/trainer.sh"
+""",
+    "trainer.sh": """echo $$ >"$STUB_DIR/trainer.pid"
+got=""
+trap 'got=1' USR1 TERM
+: >"$STUB_DIR/started"
+while [[ -z "$got" ]]; do sleep 0.05; done
+echo "trainer: signalled" >>"$STUB_DIR/log"
+if [[ -n "${FAKE_SAVE_TAG:-}" ]]; then echo "$FAKE_SAVE_TAG" >"$SAVE/latest"; fi
+exit "${FAKE_RC:-0}"
+""",
+}
+
+
+@pytest.fixture
+def job(tmp_path):
+    """run(signal, **env) -> (exit status, stdout + stderr, log lines): one job, signalled once started."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name, text in STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    save = tmp_path / "run"
+
+    def run(sig, delay=0.0, timeout=30, **env):
+        for f in ("log", "started", "trainer.pid"):
+            (stubs / f).unlink(missing_ok=True)
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+        e.update(IGPT_ROOT=ROOT, STUB_DIR=str(stubs), PATH=f"{stubs}:/usr/bin:/bin", SLURM_JOB_ID="77",
+                 SLURM_JOB_NODELIST="node01", SLURM_NNODES="1", SLURM_GPUS_PER_NODE="2",
+                 TRAIN_DATA="shards/train-000.tar", SAVE=str(save))
+        e.update(env)
+        p = subprocess.Popen(["bash", os.path.join(SLURM, "pretrain_s.sbatch")], env=e, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + timeout
+            while not (stubs / "started").exists():
+                assert p.poll() is None and time.time() < deadline, p.communicate()[0]
+                time.sleep(0.05)
+            time.sleep(delay)
+            p.send_signal(sig)
+            out, _ = p.communicate(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        log = (stubs / "log").read_text().splitlines()
+        return p.returncode, out, log
+
+    run.save = save
+    return run
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"SLURM_GPUS_PER_NODE": "0"}, "GPUS_PER_NODE"),
+    ({"TP": "4"}, "TP=4"),
+    ({"MODEL": "igpt-tiny"}, "DS_CONFIG"),
+])
+def test_bad_input_in_a_real_job_launches_nothing(env, variable, tmp_path):
+    """Not a dry run: the batch script with stub Slurm commands stops before srun, in one line."""
+    for name, text in STUBS.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    e.update(IGPT_ROOT=ROOT, STUB_DIR=str(tmp_path), PATH=f"{tmp_path}:/usr/bin:/bin", SLURM_JOB_ID="77",
+             SLURM_JOB_NODELIST="node01", SLURM_NNODES="1", SLURM_GPUS_PER_NODE="2",
+             TRAIN_DATA="shards/train-000.tar", SAVE=str(tmp_path / "run"))
+    e.update(env)
+    r = subprocess.run(["bash", os.path.join(SLURM, "pretrain_s.sbatch")], env=e, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and variable in r.stderr, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    log = (tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""
+    assert "srun" not in log and not (tmp_path / "run").exists()
+
+
+def requeued(log):
+    return "scontrol requeue 77" in log
+
+
+def test_usr1_near_the_time_limit_requeues(job):
+    """#SBATCH --signal=B:USR1@300 (or scancel --signal=USR1 --batch): save, then requeue."""
+    rc, out, log = job(signal.SIGUSR1, FAKE_SAVE_TAG="global_step100")
+    assert rc == 0, out
+    assert "scancel --signal=USR1 77" in log and "trainer: signalled" in log  # forwarded to the steps
+    assert requeued(log) and log.index("trainer: signalled") < log.index("scontrol requeue 77")
+    assert "caught SIGUSR1 (the time-limit warning" in out and "requeueing job 77" in out
+    assert not (job.save / "requeues_without_progress").exists()
+
+
+def test_sigterm_of_a_preemption_requeues(job):
+    rc, out, log = job(signal.SIGTERM, FAKE_SAVE_TAG="global_step100", STUB_PREEMPT_TIME="2026-12-01T11:30:00")
+    assert rc == 0, out
+    assert "SIGTERM of a preemption (PreemptTime=2026-12-01T11:30:00)" in out
+    assert "trainer: signalled" in log and requeued(log)
+
+
+def test_plain_scancel_cancels(job):
+    """scancel JOB (and scontrol requeue, the end of the time limit): SIGTERM without PreemptTime.
+    The trainer saves; the script never requeues (Slurm itself requeues a scontrol requeue)."""
+    rc, out, log = job(signal.SIGTERM, FAKE_SAVE_TAG="global_step100")
+    assert rc == 0, out
+    assert "trainer: signalled" in log and not requeued(log)
+    assert "SIGTERM without a preemption" in out and "not requeueing: SIGTERM means stop" in out
+
+
+def test_usr2_saves_and_stops(job):
+    rc, out, log = job(signal.SIGUSR2, FAKE_SAVE_TAG="global_step100")
+    assert rc == 0 and "trainer: signalled" in log and not requeued(log), out
+    assert "not requeueing: SIGUSR2 means stop" in out
+
+
+def test_failed_trainer_is_not_requeued(job):
+    rc, out, log = job(signal.SIGUSR1, FAKE_RC="3")
+    assert rc == 3 and not requeued(log), out
+    assert "not requeueing: the trainer exited with 3" in out
+
+
+def test_requeue_off(job):
+    rc, out, log = job(signal.SIGUSR1, FAKE_SAVE_TAG="global_step100", REQUEUE="0")
+    assert rc == 0 and not requeued(log) and "not requeueing: REQUEUE=0" in out, out
+
+
+def test_failed_requeue_is_an_error(job):
+    rc, out, log = job(signal.SIGUSR1, FAKE_SAVE_TAG="global_step100", STUB_REQUEUE_RC="1")
+    assert rc == 1 and requeued(log) and "scontrol requeue 77 failed" in out, out
+
+
+def test_restarts_without_progress_stop_at_the_cap(job):
+    """Each restart is signalled before it saves anything new: requeued twice, then stopped with the reason."""
+    job.save.mkdir()
+    (job.save / "latest").write_text("global_step100")
+    results = [job(signal.SIGUSR1, REQUEUE_MAX_NO_PROGRESS="2", SLURM_RESTART_COUNT=str(i)) for i in range(3)]
+    assert [requeued(log) for _, _, log in results] == [True, True, False]
+    assert [rc for rc, _, _ in results] == [0, 0, 1]
+    assert "restarts without a new one: 1 of 2" in results[0][1]
+    out = results[2][1]
+    assert ("not requeueing: 3 restarts in a row without a new checkpoint "
+            f"({job.save}/latest: global_step100), more than REQUEUE_MAX_NO_PROGRESS=2") in out
+    assert not (job.save / "requeues_without_progress").exists()  # a resubmission starts afresh
+    # progress resets the count
+    job(signal.SIGUSR1, REQUEUE_MAX_NO_PROGRESS="2")
+    assert (job.save / "requeues_without_progress").read_text().strip() == "1"
+    rc, out, log = job(signal.SIGUSR1, REQUEUE_MAX_NO_PROGRESS="2", FAKE_SAVE_TAG="global_step200")
+    assert rc == 0 and requeued(log) and "restarts without a new one: 0 of 2" in out
+    assert not (job.save / "requeues_without_progress").exists()
+
+
+def test_short_time_limit_defers_the_warning(job):
+    """--time=00:00:10 with the 300 s lead: Slurm's USR1 comes at once; the script holds it until a
+    fifth of the limit (2 s) before the end, so the trainer trains first."""
+    t0 = time.time()
+    rc, out, log = job(signal.SIGUSR1, FAKE_SAVE_TAG="global_step5", STUB_TIME_LIMIT="00:00:10")
+    elapsed = time.time() - t0
+    assert rc == 0 and requeued(log), out
+    assert "the time-limit warning is passed on 2 s before the end" in out
+    assert "a 300 s lead leaves no time to train; passing it on in" in out
+    assert elapsed >= 6, (elapsed, out)  # held until ~8 s, not forwarded at once
+
+
+def test_signal_lead_and_time_limit_parsing():
+    script = f"""source {SLURM}/common.sh
+for t in 2-00:00:00 05:00 1-02:03:04 00:05:00 10 UNLIMITED ""; do printf '%s ' "[$(igpt_seconds "$t")]"; done
+echo
+for l in "" 600 1500 3600 172800; do printf '%s ' "$(igpt_signal_lead "$l")"; done
+echo
+SIGNAL_LEAD=120 igpt_signal_lead 3600
+"""
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["[172800]", "[300]", "[93784]", "[300]", "[600]", "[]", "[]"], r.stderr
+    assert lines[1].split() == ["300", "120", "300", "300", "300"]
+    assert lines[2] == "120"
 
 
 def test_hostlist_expansion():

@@ -24,6 +24,13 @@ Several processes (e.g. one per GPU), each a contiguous slice, then a merge:
   python tools/extract_features.py ... --out feats/train.npz --shard-index $i --num-shards 4
       (writes feats/train.part0000i-of-00004.npz)
   python tools/extract_features.py merge feats/train.npz          (finds the parts; or list them)
+
+Restarts: an output (a slice or the whole file) that already exists, is a valid feature file,
+was made with exactly the same settings (meta) and is newer than the checkpoint and the data is
+kept, not extracted again (--overwrite forces it): a requeued or re-submitted job redoes only the
+unfinished slices. SIGTERM/SIGUSR1 (Slurm's preemption, time limit, requeue) stop the extraction
+at the next batch: the unfinished file is discarded (finished ones stay), the exit status is 0,
+and running the same command again continues.
 """
 from __future__ import annotations
 
@@ -76,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--shard-index", type=int, default=0, help="this process's slice (default 0)")
     r.add_argument("--num-shards", type=int, default=1, help="number of slices/processes (default 1)")
     r.add_argument("--merge", action="store_true", help="merge the slice files of --out instead of extracting")
+    r.add_argument("--overwrite", action="store_true",
+                   help="extract even if --out (or this slice) already holds the same extraction")
+    r.add_argument("--progress-file", help="after writing the output, write its name and the time to this file "
+                   "(atomically): how a batch script tells that a requeued run made progress")
     r.add_argument("--threads", type=int, help="torch CPU threads")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -92,6 +103,68 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size < 1 or args.bert_masks < 0:
         p.error("--batch-size must be >= 1 and --bert-masks >= 0")
     return args
+
+
+class Interrupted(Exception):
+    """A job signal (SIGTERM/SIGUSR1) arrived: stop without writing the unfinished output."""
+
+    def __init__(self, signum):
+        self.signum = signum
+        super().__init__(signum)
+
+
+def _check_signal() -> None:
+    from igpt_ds.parallel import signals
+
+    if signals.received() is not None:
+        raise Interrupted(signals.received())
+
+
+def _until_signalled(batches):
+    """The batches, stopping (Interrupted) at the first batch boundary after a job signal."""
+    for batch in batches:
+        _check_signal()
+        yield batch
+
+
+def _newest_mtime(path: str) -> float:
+    """Newest modification time of a path and, for a directory, of its direct entries."""
+    times = [os.stat(path).st_mtime]
+    if os.path.isdir(path):
+        with os.scandir(path) as entries:
+            times += [e.stat().st_mtime for e in entries]
+    return max(times)
+
+
+def reusable(out: str, meta: dict, inputs: list) -> tuple[bool, str]:
+    """(keep?, why not) for an existing output ``out`` that this extraction would write with ``meta``.
+
+    Kept only if it opens as a feature file, its meta is exactly ``meta`` (same checkpoint path,
+    model, palette, source, slice, layers, dtype, seed) and it is newer than every input: a
+    checkpoint or data set replaced in place after the file was written makes it stale.
+    """
+    import json
+
+    from igpt_ds.evaluate.features import FeatureFile, FeatureFileError
+
+    if not os.path.exists(out):
+        return False, ""
+    try:
+        with FeatureFile(out) as f:
+            have, rows = f.meta, f.num_rows
+    except (FeatureFileError, OSError, ValueError, KeyError) as e:
+        return False, f"{out} exists but is not a valid feature file ({e})"
+    want = json.loads(json.dumps(meta, sort_keys=True))
+    if have != want:
+        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        return False, f"{out} exists but was made with other settings (differs in: {', '.join(differ)})"
+    if rows != want["num_rows"]:
+        return False, f"{out} exists but holds {rows} rows, not {want['num_rows']}"
+    written = os.stat(out).st_mtime
+    for path in inputs:
+        if path and os.path.exists(path) and _newest_mtime(path) > written:
+            return False, f"{out} exists but {path} changed after it was written"
+    return True, ""
 
 
 def pick_device(arg: str, shard_index: int):
@@ -158,6 +231,7 @@ def extract(args) -> str:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device, args.shard_index)
     own_process_group()
+    _check_signal()
     model, cfg, palette, sha, how = build_model(args, device)
     r = cfg.resolution
     if args.data:
@@ -213,10 +287,27 @@ def extract(args) -> str:
         out = str(F.part_path(args.out, args.shard_index, args.num_shards))
         meta["slice"] = {"shard_index": args.shard_index, "num_shards": args.num_shards, "start": start, "end": end}
     ex = F.Extraction(layers=layers, widths=widths, total=total, start=start, end=end, meta=meta)
+    # What F.extract will record: compared with an existing file to decide whether a restart keeps it.
+    final = dict(meta, format=F.FORMAT, version=F.VERSION, layers=layers, total=total, num_rows=end - start,
+                 dtype=args.dtype_out)
+    if not args.overwrite:
+        keep, why = reusable(out, final, [args.checkpoint, args.data or args.shards, args.palette])
+        if keep:
+            print(f"kept {out}: already extracted with the same settings (rows {start}..{end} of {total}; "
+                  f"--overwrite extracts again)")
+            return out
+        if why:
+            print(f"{why}: extracting again", flush=True)
+    _check_signal()
     t0 = time.perf_counter()
-    path = F.extract(batches, compute, ex, out, args.dtype_out, progress=not args.no_progress,
+    path = F.extract(_until_signalled(batches), compute, ex, out, args.dtype_out, progress=not args.no_progress,
                      num_batches=math.ceil((end - start) / args.batch_size))
     dt = time.perf_counter() - t0
+    if args.progress_file:
+        from igpt_ds.checkpoint.atomic import atomic_write
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.progress_file)), exist_ok=True)
+        atomic_write(args.progress_file, f"{path} {time.time():.3f}\n")
     what = f"layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
     print(f"{end - start} images ({kind}, {what}, {device}, {args.dtype}) in {dt:.1f}s "
           f"({(end - start) / max(dt, 1e-9):.1f} images/s) -> {path}")
@@ -239,6 +330,13 @@ def main(argv=None) -> int:
         if args.merge:
             return merge(args.out, [])
         extract(args)
+    except Interrupted as e:
+        from igpt_ds.parallel import signals
+
+        # Exit 0 as the trainer does after its checkpoint: the batch script decides about requeueing.
+        print(f"stopped by {signals.describe(e.signum)}: the unfinished output was discarded, finished slices "
+              f"are kept; run the same command again to continue", file=sys.stderr)
+        return 0
     except (ValueError, FileNotFoundError, FeatureFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -246,13 +344,36 @@ def main(argv=None) -> int:
 
 
 def merge(out: str, parts: list) -> int:
-    from igpt_ds.evaluate.features import find_parts, merge_feature_files
+    import re
 
-    parts = parts or find_parts(out)
+    from igpt_ds.evaluate.features import FeatureFile, find_parts, merge_feature_files
+
+    if not parts:
+        try:
+            parts = find_parts(out)
+        except FileNotFoundError:
+            # A one-task extraction (--num-shards 1) writes OUT itself: nothing to merge, and a
+            # chain that always merges must not fail on it.
+            if os.path.isfile(out):
+                with FeatureFile(out) as f:
+                    whole = "slice" not in f.meta
+                if whole:
+                    print(f"{out} is already one file (an unsliced extraction): nothing to merge")
+                    return 0
+            raise
+        counts = sorted({int(m.group(1)) for p in parts if (m := re.search(r"-of-(\d{5})\.npz$", str(p)))})
+        if len(counts) > 1:
+            stem = out[:-4] if out.endswith(".npz") else out
+            raise ValueError(f"{out}: slice files of extractions with different --num-shards ({counts}) lie "
+                             f"beside it; delete those of the run you no longer want ({stem}.part*-of-NNNNN.npz, "
+                             f"NNNNN one of {', '.join(f'{c:05d}' for c in counts)}) or list the parts to merge")
     path = merge_feature_files(parts, out)
     print(f"merged {len(parts)} slices -> {path}")
     return 0
 
 
 if __name__ == "__main__":
+    from igpt_ds.parallel import signals
+
+    signals.install()  # before torch and the data: a signal during start-up is remembered, not fatal
     sys.exit(main())
