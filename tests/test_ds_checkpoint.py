@@ -104,3 +104,25 @@ def test_impossible_reshard_is_refused_without_output(tp2_zero3_run, tmp_path):
     assert "tensor-parallel size 3 does not divide n_head=4" in out.stderr
     assert not (tmp_path / "bad").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_to_fp32_agrees_with_our_export(tmp_path, stage):
+    """DeepSpeed's own consolidation (``zero_to_fp32``) of our DP2 ZeRO-2/3 checkpoints gives our export's
+    fp32 weights, under the same names, bit for bit (fp32 run: module weights = the optimizer's masters)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from igpt_ds.checkpoint.formats import read_checkpoint
+
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": stage}}))
+    run = tmp_path / "run"
+    results = launch([str(ROOT / "igpt_ds" / "pretrain.py"), "--resolution", "8", "--train-steps", "2",
+                      "--deepspeed_config", str(cfg), "--save", str(run), "--no-progress", "--num-workers", "0"],
+                     2, timeout=600, env=ENV, cwd=str(ROOT))
+    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:]
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(run), tag="global_step2")
+    _, ours, _, _ = read_checkpoint(run)
+    assert set(ours) == set(theirs)
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name].float()), name
