@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testdata import synthetic_images
 
 from igpt_ds.evaluate import probe as P
 from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError, FeatureWriter
@@ -138,15 +139,6 @@ def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(FeatureFileError, match="no layer 3"):
         FeatureFile(tmp_path / "a.npz").layer(3)
 
-
-def synthetic_images(n, seed, side=10):
-    """Three classes of noisy images: a class is a colour pattern a linear probe can find."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    rng.shuffle(labels)
-    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.float64)
-    images = base[labels][:, None, None, :] + rng.normal(0, 60, (n, side, side, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
 def test_end_to_end_checkpoint_to_probe_json_and_png(tmp_path):

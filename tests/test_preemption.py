@@ -10,12 +10,10 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from layouts import LOSS_TOL, rank_logs, start_ranks, wait_for, write_ds_config
+from testdata import tiny_shards
 
-from igpt_ds.data.shards import BuildSettings, build_shards
-from igpt_ds.data.sources import open_source
 from igpt_ds.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +22,7 @@ PRETRAIN = str(ROOT / "igpt_ds" / "pretrain.py")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    images = np.random.default_rng(0).integers(0, 256, (96, 8, 8, 3), dtype=np.uint8)
-    np.savez(root / "d.npz", images=images, labels=np.arange(96) % 4)
-    palette = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
-    build_shards(open_source(root / "d.npz"), str(root / "train"), palette,
-                 BuildSettings(resolution=8, shard_size=24), progress=False)
-    return root / "train"
+    return tiny_shards(tmp_path_factory.mktemp("shards"))
 
 
 def argv(shards, ds_config, run, steps, *extra):

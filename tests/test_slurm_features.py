@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testdata import synthetic_images
 
 from igpt_ds.checkpoint.consolidated import save_consolidated
 from igpt_ds.config import get_preset
@@ -135,15 +136,6 @@ def sandbox(tmp_path: Path) -> Path:
         (root / name).symlink_to(ROOT / name)
     return root
 
-
-def synthetic_images(n, seed, side=10):
-    """Three classes a linear probe can tell apart (a colour each, plus noise)."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    rng.shuffle(labels)
-    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.float64)
-    images = base[labels][:, None, None, :] + rng.normal(0, 60, (n, side, side, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
 @pytest.fixture(scope="module")

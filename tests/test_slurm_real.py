@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import slurm_cluster
 from layouts import write_ds_config
+from testdata import synthetic_images, tiny_shards
 
-from igpt_ds.data.shards import BuildSettings, build_shards
-from igpt_ds.data.sources import open_source
 from igpt_ds.testing import free_port
 from igpt_ds.train.metrics import read_metrics
 
@@ -47,13 +46,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    images = np.random.default_rng(0).integers(0, 256, (96, 8, 8, 3), dtype=np.uint8)
-    np.savez(root / "d.npz", images=images, labels=np.arange(96) % 4)
-    palette = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
-    build_shards(open_source(root / "d.npz"), str(root / "train"), palette,
-                 BuildSettings(resolution=8, shard_size=24), progress=False)
-    return root / "train"
+    return tiny_shards(tmp_path_factory.mktemp("shards"))
 
 
 def submit_pretraining(cluster, shards, tmp_path, cpu_run=True, save_interval=5):
@@ -154,15 +147,6 @@ def test_scancel_cancels_and_does_not_requeue(cluster, shards, tmp_path):
     assert final in FINISHED, final
     assert "requeueing job" not in out, out[-3000:]  # the script's own requeue did not run either
 
-
-def synthetic_images(n, seed, side=10):
-    """Three classes a linear probe can tell apart (a colour each, plus noise)."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    rng.shuffle(labels)
-    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.float64)
-    images = base[labels][:, None, None, :] + rng.normal(0, 60, (n, side, side, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
 @pytest.mark.skipif(not (ROOT / "slurm" / "features_chain.sh").is_file(), reason="slurm/features_chain.sh missing")
