@@ -104,3 +104,16 @@ def wait_for(predicate, timeout: float, procs: list[subprocess.Popen]) -> None:
             raise AssertionError(f"a rank died early: exit codes {[p.poll() for p in procs]}")
         time.sleep(0.2)
     raise AssertionError("timed out waiting")
+
+
+def signal_ranks_when(predicate, procs: list[subprocess.Popen], sig: int, timeout: float = 240) -> list[int]:
+    """Once ``predicate`` holds, send ``sig`` to every rank (as Slurm signals every task), wait for them and
+    return their exit codes. Whatever happens, no rank outlives the call."""
+    try:
+        wait_for(predicate, timeout, procs)
+        for p in procs:
+            p.send_signal(sig)
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from layouts import LAYOUT_IDS, LAYOUTS, LOSS_TOL, rank_logs, start_ranks, wait_for, write_ds_config
+from layouts import LAYOUT_IDS, LAYOUTS, LOSS_TOL, rank_logs, signal_ranks_when, start_ranks, write_ds_config
 
 from igpt_ds.testing import launch
 from igpt_ds.train.metrics import read_metrics
@@ -271,15 +271,8 @@ def test_signal_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(setup, tmp_
     cfg = ds_config(tmp_path / "ds.json", 1)
     argv = finetune_argv(setup, ["--deepspeed_config", cfg, *RESUMABLE, "--train-steps", "100000", "--save", str(run)])
     procs = start_ranks(argv, 2, tmp_path)
-    try:
-        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run / "metrics.jsonl")) >= 2,
-                 240, procs)
-        for p in procs:  # Slurm signals every task
-            p.send_signal(sig)
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    codes = signal_ranks_when(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run / "metrics.jsonl"))
+                              >= 2, procs, sig)
     logs = rank_logs(tmp_path, 2)
     assert codes == [0, 0], f"exit codes {codes} after {sig.name}:\n{logs[-3000:]}"
     step = assert_resumes_like_an_uninterrupted_run(setup, tmp_path, run, cfg)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from layouts import LAYOUT_IDS, LAYOUTS, LOSS_TOL, rank_logs, start_ranks, wait_for, write_ds_config
+from layouts import LAYOUT_IDS, LAYOUTS, LOSS_TOL, rank_logs, signal_ranks_when, start_ranks, wait_for, write_ds_config
 
 from igpt_ds.testing import launch
 from igpt_ds.train.metrics import read_metrics
@@ -91,14 +91,7 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, sig):
     run = tmp_path / "run"
     cfg = ds_config(tmp_path, "z1.json", 1)
     procs = _start(2, ["--train-steps", "100000", "--deepspeed_config", cfg, "--save", str(run)], tmp_path)
-    try:
-        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(losses(run)) >= 2, 240, procs)
-        for p in procs:  # Slurm signals every task
-            p.send_signal(sig)
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    codes = signal_ranks_when(lambda: (run / "metrics.jsonl").is_file() and len(losses(run)) >= 2, procs, sig)
     logs = rank_logs(tmp_path, 2)
     assert codes == [0, 0], logs[-3000:]
     assert "checkpoint saved" in logs

@@ -14,7 +14,6 @@ keeps the weights and the learning-rate schedule position and restarts Adam's st
 """
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from igpt_ds.checkpoint.atomic import atomic_directory
 from igpt_ds.checkpoint.run import META_FILE, checkpoint_meta, find_checkpoint, write_checkpoint
 from igpt_ds.config import ModelConfig
-from igpt_ds.model.pipeline import model_param_name
+from igpt_ds.model.pipeline import model_param_names
 from igpt_ds.palette import load_palette, palette_sha256
 from igpt_ds.parallel import layout as parallel
 from igpt_ds.parallel.spawn import run_ranks
@@ -67,13 +66,10 @@ def _engine_for(meta: dict, tensor_parallel: int, pipeline_parallel: int, weight
     ds = _settings(meta)
     module = build_model(cfg, state, ds, seed=0)
     if weights is not None:
-        load_full(module, weights, state.tp_rank, tensor_parallel, name_of=_name_of(cfg, pipeline_parallel))
+        load_full(module, weights, state.tp_rank, tensor_parallel,
+                  name_of=model_param_names(cfg.n_layer, pipeline_parallel > 1))
     engine, scheduler = build_engine(module, state, ds, lr=0.0, schedule=WarmupCosine(0, max(1, meta["step"])))
     return cfg, state, ds, engine, scheduler
-
-
-def _name_of(cfg: ModelConfig, pipeline_parallel: int):
-    return functools.partial(model_param_name, n_layer=cfg.n_layer, pipelined=pipeline_parallel > 1)
 
 
 def _consolidate_rank(rank: int, world: int, root: str, tag: str, meta: dict, parts_dir: str) -> int:
@@ -82,7 +78,7 @@ def _consolidate_rank(rank: int, world: int, root: str, tag: str, meta: dict, pa
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise FileNotFoundError(f"{root}/{tag}: DeepSpeed found no loadable checkpoint files for rank {rank}")
-    tensors = gather_full(engine.module, state.tp_group, tp, _name_of(cfg, pp))
+    tensors = gather_full(engine.module, state.tp_group, tp, model_param_names(cfg.n_layer, pp > 1))
     if state.dp_rank == 0 and state.tp_rank == 0:
         save_file(tensors, os.path.join(parts_dir, f"stage{state.pp_rank:03d}.safetensors"))
     return len(tensors)

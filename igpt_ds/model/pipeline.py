@@ -8,8 +8,9 @@ with :func:`pipe_to_model_name` (``"3.attn.qkv.weight"`` -> ``"blocks.2.attn.qkv
 """
 from __future__ import annotations
 
+import functools
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -146,3 +147,8 @@ def model_param_name(name: str, n_layer: int, pipelined: bool) -> str:
         return name
     full = pipe_to_model_name(name, n_layer)
     return full[len("final."):] if full.startswith("final.clf.") else full
+
+
+def model_param_names(n_layer: int, pipelined: bool) -> Callable[[str], str]:
+    """:func:`model_param_name` for one model: the ``name_of`` of igpt_ds.parallel.weights' copies."""
+    return functools.partial(model_param_name, n_layer=n_layer, pipelined=pipelined)

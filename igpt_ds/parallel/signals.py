@@ -22,7 +22,6 @@ from typing import Optional, Union
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _received: Optional[int] = None
-_installed = False
 
 
 def _record(signum, frame) -> None:
@@ -32,15 +31,10 @@ def _record(signum, frame) -> None:
 
 
 def install() -> None:
-    """Record SIGTERM/SIGUSR1 in this (trainer) process from now on instead of dying of them."""
-    global _installed
+    """Record SIGTERM/SIGUSR1 in this (trainer) process from now on instead of dying of them (idempotent:
+    a signal received before a second call stays recorded)."""
     for sig in JOB_SIGNALS:
         signal.signal(sig, _record)
-    _installed = True
-
-
-def installed() -> bool:
-    return _installed
 
 
 def received() -> Optional[int]:

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from igpt_ds.checkpoint.atomic import atomic_symlink
 from igpt_ds.checkpoint.consolidated import save_consolidated
 from igpt_ds.checkpoint.formats import check_state_dict, detect_format
-from igpt_ds.checkpoint.run import read_checkpoint_meta
 from igpt_ds.config import ModelConfig
 from igpt_ds.data.images import ImageLoader, source_labels
 from igpt_ds.data.manifest import check_manifest, is_shard_dir, read_manifest
@@ -35,7 +34,7 @@ from igpt_ds.data.tokens import build_loader
 from igpt_ds.evaluate.classifier import bert_eval_masks, modal_prediction, predict
 from igpt_ds.model.classifier import CLF_PARAMS, IGPTClassifier, split_pretrained
 from igpt_ds.model.losses import RunningStats, bert_mask, bert_mask_seed, finetune_loss
-from igpt_ds.model.pipeline import ClassifierHeadPipe, PipelineFinetuneLoss, model_param_name
+from igpt_ds.model.pipeline import ClassifierHeadPipe, PipelineFinetuneLoss, model_param_names
 from igpt_ds.palette import load_palette, palette_sha256
 from igpt_ds.parallel.weights import gather_full, load_full, merge_stages
 from igpt_ds.train.engine import WarmupCosine, build_model
@@ -95,8 +94,8 @@ class ClassifyTask:
     # ---- set-up: the pretrained model, the palette, the data -------------------------------------
     def setup(self, loop) -> ModelConfig:
         args = self.args
-        if args.load:
-            tag, meta = read_checkpoint_meta(args.load)
+        if loop.resume is not None:
+            tag, meta = loop.resume
             if not meta.get("finetune"):
                 raise ValueError(f"--load {args.load}: {tag} is not a fine-tuning checkpoint (no 'finetune' in its "
                                  f"igpt_meta.json); to start from a pretrained run use --init {args.load}")
@@ -190,8 +189,7 @@ class ClassifyTask:
                            num_workers=a.num_workers, epochs=None if train else 1)
 
     def steps_per_epoch(self, loop) -> int:
-        self._steps_per_epoch = max(1, self.num_train // loop.ds.train_batch_size)  # loaders drop partial batches
-        return self._steps_per_epoch
+        return max(1, self.num_train // loop.ds.train_batch_size)  # the loaders drop partial batches
 
     def schedule(self, total_steps: int, steps_per_epoch: Optional[int]) -> WarmupCosine:
         if not 0 <= self.args.warmup_steps <= total_steps:
@@ -212,18 +210,17 @@ class ClassifyTask:
             module.check_inputs = False  # the loaders produce palette ids by construction
         if self.init_weights is not None:
             # clf.* keep their zero init unless --init has them (a fine-tuned export).
-            load_full(module, self.init_weights, loop.state.tp_rank, tp, name_of=self._name_of(loop),
-                      optional=CLF_PARAMS, source=f"--init {self.args.init}")
+            load_full(module, self.init_weights, loop.state.tp_rank, tp,
+                      name_of=model_param_names(self.cfg.n_layer, loop.pipelined), optional=CLF_PARAMS,
+                      source=f"--init {self.args.init}")
             self.init_weights = None  # the engine holds them now
         return module
-
-    def _name_of(self, loop):
-        return functools.partial(model_param_name, n_layer=self.cfg.n_layer, pipelined=loop.pipelined)
 
     def full_state_dict(self, loop) -> dict:
         """Full (TP = 1) weights under the plain model's names, on rank 0 (empty elsewhere). Collective."""
         state = loop.state
-        stage = gather_full(loop.engine.module, state.tp_group, loop.layout.tensor_parallel, self._name_of(loop))
+        stage = gather_full(loop.engine.module, state.tp_group, loop.layout.tensor_parallel,
+                            model_param_names(self.cfg.n_layer, loop.pipelined))
         if loop.pipelined:  # every stage's (DP 0, TP 0) rank contributes its layers
             return merge_stages(stage, state.dp_rank == 0 and state.tp_rank == 0)
         return stage if loop.is_rank0 else {}
@@ -268,9 +265,9 @@ class ClassifyTask:
                 "train_acc": sums["correct"] / max(sums["count"], 1)}
 
     # ---- evaluation, best export, early stopping ---------------------------------------------------
-    def eval_due(self, step: int, total_steps: int) -> bool:
-        interval = self.args.eval_interval or self._steps_per_epoch
-        return step % interval == 0 or step == total_steps
+    def eval_due(self, loop) -> bool:
+        interval = self.args.eval_interval or loop.steps_per_epoch
+        return loop.step % interval == 0 or loop.step == loop.total_steps
 
     @torch.no_grad()
     def evaluate(self, loop) -> dict:

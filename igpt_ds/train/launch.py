@@ -23,7 +23,7 @@ def prepare_process() -> None:
 
 def run(args, task_cls):
     """``(exit code, trainer or None, last metrics record)`` of one run of ``task_cls(args)``."""
-    prepare_process()  # idempotent; the entry points call it before importing their task
+    prepare_process()  # idempotent; the entry points call it first, before importing their task
     # Imported here, not at the top: DS_ACCELERATOR must be set before DeepSpeed is first imported.
     from igpt_ds.train.loop import Trainer, TrainingDiverged
 

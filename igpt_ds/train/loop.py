@@ -37,12 +37,13 @@ class TrainingDiverged(FloatingPointError):
 class Trainer:
     def __init__(self, args, task):
         self.args, self.task = args, task
-        if not signals.installed():  # the entry points install them before any import; library callers here
-            signals.install()
+        signals.install()  # idempotent: the entry points did it before any import; library callers get it here
         self.started = time.monotonic()  # --max-minutes counts start-up too: it is wall-clock time of the job
         parallel.init_distributed()
         self.rank = dist.get_rank()
         self.is_rank0 = self.rank == 0
+        # (tag, igpt_meta.json) of --load, read once: the task, the compatibility check and load() use it.
+        self.resume = run_checkpoint.read_checkpoint_meta(args.load) if args.load else None
 
         # 1. What the task trains (config, init weights, data sizes), then the layout and DS config,
         #    all before any group, loader or model exists, so bad input fails fast on every rank.
@@ -50,8 +51,8 @@ class Trainer:
         layout = parallel.ParallelLayout(dist.get_world_size(), args.tensor_parallel, args.pipeline_parallel)
         layout.validate(cfg)  # once; the ZeRO stage x PP rule is checked with the DS config, which states the stage
         self.ds: DSSettings = load_ds_config(args.deepspeed_config, layout.data_parallel, args.pipeline_parallel)
-        if args.load:
-            tag, meta = run_checkpoint.read_checkpoint_meta(args.load)
+        if self.resume is not None:
+            tag, meta = self.resume
             run_checkpoint.check_compatible(meta, cfg, f"{args.load}/{tag}/{run_checkpoint.META_FILE}")
         task.prepare(self)
 
@@ -70,7 +71,6 @@ class Trainer:
         self.steps_per_epoch = task.steps_per_epoch(self)
         self.total_steps = self._total_steps()
         schedule = task.schedule(self.total_steps, self.steps_per_epoch)
-        self.warmup_steps = schedule.warmup_steps
         module = task.build_model(self)
         self.engine, self.scheduler = build_engine(module, self.state, self.ds, args.lr, schedule,
                                                    getattr(args, "adam_eps", 1e-8))
@@ -82,7 +82,7 @@ class Trainer:
         self.peak = peak_flops(self.ds.precision, args.peak_tflops)
         if self.is_rank0 and args.save and task.palette is not None:
             save_palette(f"{args.save}/palette.npy", task.palette)  # exports then carry the palette
-        if args.load:
+        if self.resume is not None:
             self.load(args.load)
 
     def _total_steps(self) -> int:
@@ -194,7 +194,8 @@ class Trainer:
         return str(tag_dir)
 
     def load(self, directory: str) -> None:
-        tag, meta = run_checkpoint.read_checkpoint_meta(directory)
+        """Resume from ``directory`` (``--load``), whose meta ``__init__`` read into ``self.resume``."""
+        tag, meta = self.resume
         restarted = bool(meta.get("optimizer_restarted"))  # written by tools/convert_checkpoint.py --to deepspeed
         # A converted checkpoint holds a fresh Adam state built around its weights, but no schedule.
         path, client = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=not restarted)
@@ -283,7 +284,7 @@ class Trainer:
                     f"checkpoint: {run_checkpoint.last_good(args.save) or 'none'}. {task.divergence_hint}")
             record = {"step": self.step, **record, "lr": lr, **self._step_metrics(elapsed, wait, tokens_per_step,
                                                                                   flops_per_token)}
-            evaluated = task.eval_due(self.step, self.total_steps)
+            evaluated = task.eval_due(self)
             task_stop = False
             if evaluated:
                 record.update(task.evaluate(self))

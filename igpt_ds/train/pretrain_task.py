@@ -16,7 +16,7 @@ import torch.distributed as dist
 from igpt_ds.config import ModelConfig, get_preset
 from igpt_ds.data.synthetic import SyntheticLoader
 from igpt_ds.data.tokens import build_loader
-from igpt_ds.model.losses import EVAL_STREAM, bert_mask, bert_mask_seed, bits_per_dim, compute_loss
+from igpt_ds.model.losses import EVAL_STREAM, RunningStats, bert_mask, bert_mask_seed, bits_per_dim, compute_loss
 from igpt_ds.model.pipeline import PipelineLoss
 from igpt_ds.palette import load_palette, palette_sha256
 from igpt_ds.train.engine import WarmupCosine, build_model
@@ -34,7 +34,7 @@ class PretrainTask:
         self.palette = load_palette(args.palette) if args.palette else None
         self.palette_sha256: Optional[str] = None
         self.pipe_loss: Optional[PipelineLoss] = None
-        self.stats = PipelineLoss(1).stats  # replaced by the pipeline loss's own when pipelined
+        self.stats = RunningStats(PipelineLoss.STATS)  # replaced by the pipeline loss's own when pipelined
 
     # ---- set-up ---------------------------------------------------------------------------------
     def setup(self, loop) -> ModelConfig:
@@ -118,9 +118,9 @@ class PretrainTask:
         return {"loss": loss, "bits_per_dim": bits_per_dim(loss)}
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def eval_due(self, step: int, total_steps: int) -> bool:
+    def eval_due(self, loop) -> bool:
         interval = self.args.eval_interval
-        return bool(interval) and (step % interval == 0 or step == total_steps)
+        return bool(interval) and (loop.step % interval == 0 or loop.step == loop.total_steps)
 
     @torch.no_grad()
     def evaluate(self, loop) -> dict:

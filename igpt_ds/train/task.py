@@ -5,7 +5,7 @@ layout and DeepSpeed config, the engine, the plain and the pipelined step with g
 accumulation, signals and the wall-clock budget, metrics, checkpoints and resume. A task supplies
 what differs, in this order (torchtitan's ``TrainSpec`` idea, cut down to two tasks):
 
-    setup(loop)               -> ModelConfig   read --init / --load / the data's sizes; before any group
+    setup(loop)               -> ModelConfig   read --init / loop.resume / the data's sizes; before any group
     prepare(loop)                              checks that need the DS config (batch) and the layout
     loader(loop, train)                        this rank's loader (the loop calls it on data-reading ranks)
     steps_per_epoch(loop)     -> int | None    collective where some ranks read no data
@@ -14,7 +14,7 @@ what differs, in this order (torchtitan's ``TrainSpec`` idea, cut down to two ta
     loss(loop, batch, micro)  -> Tensor        plain path; adds its statistics to ``stats``
     pipe_item(loop, batch, micro) -> (inputs, labels)   pipelined path; ``pipe_loss`` adds to ``stats``
     step_record(sums)         -> dict          metrics of one step from the reduced statistics
-    eval_due(step, total)     -> bool
+    eval_due(loop)            -> bool          after loop.step: evaluate now?
     evaluate(loop)            -> dict          validation metrics ({} when there is no validation data)
     after_evaluation(loop, record) -> bool     best export, early stopping; True stops the run
     meta()                    -> dict          extra igpt_meta.json fields
@@ -56,7 +56,7 @@ class Task(Protocol):
     def loss(self, loop, batch: dict, micro: int) -> torch.Tensor: ...
     def pipe_item(self, loop, batch: dict, micro: int) -> tuple: ...
     def step_record(self, sums: dict) -> dict: ...
-    def eval_due(self, step: int, total_steps: int) -> bool: ...
+    def eval_due(self, loop) -> bool: ...
     def evaluate(self, loop) -> dict: ...
     def after_evaluation(self, loop, record: dict) -> bool: ...
     def meta(self) -> dict: ...
