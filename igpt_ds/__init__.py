@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "load_pretrained", "__version__"]
 
 
-def load_pretrained(path, device="cpu", dtype=None):
-    """``model, config, palette = load_pretrained(path, device="cpu")``: a consolidated export or a
-    Hugging Face ImageGPT directory, in eval mode, in a plain process (see :mod:`igpt_ds.checkpoint.formats`)."""
+def load_pretrained(path, device="cpu", dtype=None, weights="master"):
+    """``model, config, palette = load_pretrained(path, device="cpu")``: a consolidated export, a Hugging
+    Face ImageGPT directory or a DeepSpeed checkpoint of any layout, in eval mode, in a plain process
+    (see :mod:`igpt_ds.checkpoint.formats`)."""
     from igpt_ds.checkpoint.formats import load_pretrained as load  # torch and megatron load only when needed
 
-    return load(path, device=device, dtype=dtype)
+    return load(path, device=device, dtype=dtype, weights=weights)

@@ -4,7 +4,7 @@ import torch
 
 from igpt_ds.config import get_preset
 from igpt_ds.model.losses import bert_mask, compute_loss
-from igpt_ds.model.transformer import IGPTModel
+from igpt_ds.model.transformer import IGPTModel, tp_split
 from igpt_ds.parallel import layout as parallel
 from igpt_ds.parallel.weights import full_state_dict, load_full_state_dict, shard, unshard
 from igpt_ds.testing import run_ranks
@@ -78,6 +78,16 @@ def test_shard_unshard_round_trip_with_stride():
     # rows [q0 q1 | k0 k1 | v0 v1] (2 rows each): rank 0 gets q0, k0, v0
     assert parts[0][:, 0].tolist() == [0, 2, 8, 10, 16, 18]
     assert torch.equal(unshard(parts, 0, 3), full)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_tp_split_table_agrees_with_the_layers(name):
+    """The checkpoint file reader splits by name (files carry no attributes): the table must say what
+    megatron-core's layers set on every parameter."""
+    model = IGPTModel(get_preset("igpt-tiny", resolution=8, **VARIANTS[name]))
+    for pname, p in model.named_parameters():
+        attrs = (p.partition_dim, p.partition_stride) if getattr(p, "tensor_model_parallel", False) else None
+        assert tp_split(pname) == attrs, pname
 
 
 def test_tp_not_dividing_heads_is_refused_on_every_rank():

@@ -10,17 +10,21 @@ A consolidated checkpoint is a directory:
     palette.npy        optional: the palette the model was trained with
 
 Written to a temporary directory and renamed, so a crash never leaves a half-written export.
+:func:`save_consolidated_stream` writes ``model.safetensors`` one tensor at a time (the header is
+laid out from the names and shapes first), so exporting a model needs memory for one tensor, not
+for the model; :func:`save_consolidated` is the same writer over a state dict.
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from igpt_ds.checkpoint.atomic import atomic_directory
 from igpt_ds.config import ModelConfig
@@ -43,16 +47,43 @@ def is_consolidated(path: PathLike) -> bool:
         return False
 
 
-def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                      palette: Optional[np.ndarray] = None, dtype: torch.dtype = torch.float32,
-                      extra: Optional[dict] = None) -> Path:
-    """Write a consolidated checkpoint atomically; returns its path."""
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors_stream(file: PathLike, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                             produce: Callable[[str], torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """Write a safetensors file tensor by tensor: ``produce(name)`` is called once per name, in order,
+    and its result (cast to ``dtype``) is written before the next is asked for."""
+    item = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + n * item]}
+        offset += n * item
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in shapes.items():
+            t = produce(name).detach().to("cpu", dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, the header promised {tuple(shape)}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy of the tensor
+
+
+def save_consolidated_stream(path: PathLike, config: ModelConfig, shapes: dict[str, tuple[int, ...]],
+                             produce: Callable[[str], torch.Tensor], palette: Optional[np.ndarray] = None,
+                             dtype: torch.dtype = torch.float32, extra: Optional[dict] = None) -> Path:
+    """Write a consolidated checkpoint atomically, one tensor at a time (see the module docstring)."""
     path = Path(path)
     with atomic_directory(path) as tmp:
-        # megatron layers add `_extra_state: None` entries to state_dict(); keep tensors only.
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()
-                   if isinstance(v, torch.Tensor)}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        write_safetensors_stream(tmp / WEIGHTS_FILE, shapes, dtype, produce, metadata={"format": "pt"})
         # the data pipeline's hash: the one shard manifests carry
         palette_hash = palette_sha256(palette) if palette is not None else None
         meta = {"format": FORMAT, "version": VERSION, "model": config.to_dict(), "palette_sha256": palette_hash,
@@ -62,6 +93,16 @@ def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str,
         if palette is not None:
             np.save(tmp / PALETTE_FILE, np.asarray(palette, dtype=np.float32))
     return path
+
+
+def save_consolidated(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                      palette: Optional[np.ndarray] = None, dtype: torch.dtype = torch.float32,
+                      extra: Optional[dict] = None) -> Path:
+    """Write a consolidated checkpoint atomically; returns its path."""
+    # megatron layers add `_extra_state: None` entries to state_dict(); keep tensors only.
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    return save_consolidated_stream(path, config, {k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__,
+                                    palette=palette, dtype=dtype, extra=extra)
 
 
 def read_consolidated_config(path: PathLike) -> dict:

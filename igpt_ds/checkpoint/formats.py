@@ -54,7 +54,7 @@ FORMATS: list[Format] = [
     Format("deepspeed", ds_checkpoint.is_deepspeed_checkpoint, ds_checkpoint.load_deepspeed,
            ds_checkpoint.save_deepspeed,
            "an iGPT-DS DeepSpeed checkpoint of any DP/TP/PP/ZeRO layout: 'latest' and global_stepN/igpt_meta.json "
-           "(igpt_ds/pretrain.py --save DIR); it is consolidated on load"),
+           "(igpt_ds/pretrain.py --save DIR); its files are read in this process"),
 ]
 
 
@@ -117,11 +117,16 @@ def check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str 
                              f"vocab_size={cfg.vocab_size}, mlp_ratio={cfg.mlp_ratio}) needs {shape}")
 
 
-def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu"
+def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", weights: str = "master"
                     ) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[np.ndarray], Format]:
-    """(config, full state dict checked against the config, palette or None, format) of any supported directory."""
+    """(config, full state dict checked against the config, palette or None, format) of any supported directory.
+
+    ``weights`` picks, for a DeepSpeed checkpoint, the fp32 masters ("master") or the forward's copy
+    ("module"); the other formats hold one set of weights.
+    """
     fmt = detect_format(path)
-    config, sd, palette, _ = fmt.read(path, device=device)
+    options = {"weights": weights} if fmt.name == "deepspeed" else {}
+    config, sd, palette, _ = fmt.read(path, device=device, **options)
     check_state_dict(config, sd, source=str(path))
     if palette is not None and len(palette) != config.vocab_size:
         raise ValueError(f"{path}: the palette has {len(palette)} colours but the model {config.vocab_size} tokens")
@@ -139,16 +144,17 @@ def training_step(path: PathLike) -> int:
 
 
 def load_pretrained(path: PathLike, device: Union[str, torch.device] = "cpu",
-                    dtype: Optional[torch.dtype] = None):
+                    dtype: Optional[torch.dtype] = None, weights: str = "master"):
     """``(model, config, palette)`` from a consolidated export, a Hugging Face ImageGPT directory or a
-    DeepSpeed checkpoint of any layout (consolidated on load by re-creating its ranks on the CPU).
+    DeepSpeed checkpoint of any layout (its files read in this process, tensor by tensor; ``weights``:
+    the fp32 masters or the 16-bit "module" copy of a bf16/fp16 run).
 
     Runs in a plain Python process (no launcher; TP = 1). The model is in eval mode on ``device``
     (fp32 unless ``dtype`` is given): ``model(tokens)`` gives next-pixel logits ``[b, s, 512]``
     (AR; the SOS shift is inside), ``model.hidden_states(tokens)`` the per-layer residual stream.
     ``palette`` is float32 (512, 3) in [-1, 1], or None when the source has none.
     """
-    config, sd, palette, _ = read_checkpoint(path)
+    config, sd, palette, _ = read_checkpoint(path, weights=weights)
     model = IGPTModel(config)
     load_full_state_dict(model, sd)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -37,7 +37,16 @@ class SyntheticLoader:
                    "keys": [f"synthetic-{i}" for i in idx]}
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        """``sample``: the next sample of the global stream, the same for every layout with the same
+        global batch (so a resharded checkpoint continues it); ``position``: this rank's batch count."""
+        return {"position": self.position, "sample": self.position * self.dp_world_size * self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        if "sample" not in state:
+            self.position = int(state["position"])
+            return
+        per_batch = self.dp_world_size * self.batch_size
+        if state["sample"] % per_batch:
+            raise ValueError(f"synthetic loader state: sample {state['sample']} is not a multiple of "
+                             f"DP {self.dp_world_size} x batch {self.batch_size}; resume at a step boundary")
+        self.position = int(state["sample"]) // per_batch

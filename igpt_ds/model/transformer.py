@@ -28,6 +28,22 @@ from torch.utils.checkpoint import checkpoint
 from igpt_ds.config import ModelConfig
 from igpt_ds.parallel.layout import gather_last_dim, init_distributed
 
+# How each tensor-parallel weight of the full state dict is split over TP ranks: name -> (dim, stride),
+# the ``partition_dim`` / ``partition_stride`` the megatron-core layers below set on their parameters
+# (the fused [q; k; v] has stride 3). Checkpoint files carry no attributes, so the one-process file
+# reader (igpt_ds.checkpoint.deepspeed_files) splits by this table; tests/test_tensor_parallel.py checks
+# that it agrees with the attributes of every parameter. Names not listed are replicated.
+TP_SPLITS = {"embed.wte.weight": (0, 1), "attn.qkv.weight": (0, 3), "attn.qkv.bias": (0, 3),
+             "attn.proj.weight": (1, 1), "mlp.fc.weight": (0, 1), "mlp.fc.bias": (0, 1),
+             "mlp.proj.weight": (1, 1), "final.head.weight": (0, 1)}
+
+
+def tp_split(name: str) -> Optional[tuple[int, int]]:
+    """(partition dim, stride) of full-state-dict parameter ``name`` under TP, None if replicated."""
+    if name.startswith("blocks."):
+        name = name.split(".", 2)[2]
+    return TP_SPLITS.get(name)
+
 
 def _normal(std: float):
     return partial(nn.init.normal_, mean=0.0, std=std)

@@ -74,7 +74,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _gathered(named: list, modifier_rank=None):
+def gathered(named: list, modifier_rank=None):
     """ZeRO-3 partitions gathered for the block (written back from ``modifier_rank``); else nothing to do."""
     params = [p for _, p in named]
     if any(hasattr(p, "ds_id") for p in params):
@@ -92,7 +92,7 @@ def load_full(module: nn.Module, full: Mapping[str, torch.Tensor], tp_rank: int,
     a ZeRO-3 group calls it; DP rank 0 of each parameter's group writes the gathered value.
     """
     named = list(module.named_parameters())
-    with _gathered(named, modifier_rank=0), torch.no_grad():
+    with gathered(named, modifier_rank=0), torch.no_grad():
         for name, p in named:
             key = name_of(name)
             if key not in full:
@@ -114,7 +114,7 @@ def gather_full(module: nn.Module, tp_group, tp_size: int, name_of: Callable[[st
     ZeRO-3 and TP groups: every rank calls it and gets the same tensors within its stage."""
     named = list(module.named_parameters())
     out = {}
-    with _gathered(named):
+    with gathered(named):
         for name, p in named:
             t = p.detach()
             if is_tp_sharded(p) and tp_size > 1:

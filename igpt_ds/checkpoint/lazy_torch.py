@@ -1,0 +1,218 @@
+"""Read ``torch.save`` files tensor by tensor, without loading them.
+
+A ``torch.save`` file is a zip archive: ``<name>/data.pkl`` (the pickled object, tensors as references
+to storages) and one uncompressed entry ``<name>/data/<key>`` per storage. :class:`TorchFile`
+unpickles only ``data.pkl``; every tensor in it becomes a :class:`LazyTensor` that knows its
+storage entry, offset, shape and dtype, and :meth:`LazyTensor.read` reads just the bytes of the
+elements asked for (``os.pread`` at the entry's offset in the file). So assembling one parameter
+from the flat ZeRO partitions of 64 ranks costs that parameter's bytes, not 64 files' worth.
+
+The objects in DeepSpeed's files (its enums, loss scaler, fragment addresses) are unpickled as
+``torch.load(weights_only=False)`` would, which is how DeepSpeed itself reads them: open only
+checkpoints you trust.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
+_LOCAL_HEADER_SIZE = 30
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that is missing, truncated or not a ``torch.save`` archive; the message names it."""
+
+
+@dataclass
+class _Storage:
+    file: "TorchFile"
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass
+class LazyTensor:
+    """A tensor of a :class:`TorchFile`: metadata only, until :meth:`read`."""
+
+    storage: _Storage
+    offset: int  # in elements of the storage
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def read(self, start: int = 0, numel: Optional[int] = None) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the flattened tensor, as a new 1-D CPU tensor."""
+        total = self.numel()
+        numel = total - start if numel is None else numel
+        if start < 0 or numel < 0 or start + numel > total:
+            raise IndexError(f"{self.storage.file.path}: elements [{start}, {start + numel}) outside 0..{total}")
+        if not self.is_contiguous():
+            return self.load().flatten()[start:start + numel].clone()
+        return self.storage.file.read_elements(self.storage, self.offset + start, numel)
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor, with its shape."""
+        if self.is_contiguous():
+            return self.read().view(self.shape)
+        span = max((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1 if self.shape else 1
+        flat = self.storage.file.read_elements(self.storage, self.offset, span)
+        return torch.as_strided(flat, self.shape, self.stride).clone()
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_):
+    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+def _rebuild_from_type(func, _new_type, args, _state):
+    return func(*args)  # the plain tensor: subclass and attributes do not matter to a reader
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, stream, file: "TorchFile"):
+        super().__init__(stream)
+        self._file = file
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
+        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+            return _rebuild_from_type
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"{self._file.path}: unknown persistent id {kind!r}")
+        with warnings.catch_warnings():  # the legacy typed-storage classes warn when asked their dtype
+            warnings.simplefilter("ignore")
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        return self._file.storage(str(key), dtype, int(numel))
+
+
+class TorchFile:
+    """One ``torch.save`` file, opened lazily: ``TorchFile(path).obj`` is its object with LazyTensor leaves."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointFileError(f"{self.path}: missing (the checkpoint lacks this rank's file)")
+        self.size = self.path.stat().st_size
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointFileError(f"{self.path}: not a readable torch.save archive ({e}); the file is "
+                                      f"truncated or corrupt, e.g. a save that was killed half-way") from None
+        pkl = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            raise CheckpointFileError(f"{self.path}: no <name>/data.pkl inside; not a torch.save file")
+        self._prefix = pkl[0][:-len("data.pkl")]
+        byteorder = self._prefix + "byteorder"
+        if byteorder in self._zip.namelist() and self._zip.read(byteorder) != b"little":
+            raise CheckpointFileError(f"{self.path}: written on a big-endian machine; not supported")
+        self._storages: dict[str, _Storage] = {}
+        self._offsets: dict[str, int] = {}
+        self._fd: Optional[int] = None
+        try:
+            with self._zip.open(pkl[0]) as stream:
+                self.obj: Any = _Unpickler(stream, self).load()
+        except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
+            raise CheckpointFileError(f"{self.path}: cannot unpickle its data.pkl ({e})") from None
+
+    def storage(self, key: str, dtype: torch.dtype, numel: int) -> _Storage:
+        if key not in self._storages:
+            self._storages[key] = _Storage(self, key, dtype, numel)
+        return self._storages[key]
+
+    def _data_offset(self, key: str) -> int:
+        """Where storage ``key``'s bytes start in the file (after the entry's local zip header)."""
+        if key not in self._offsets:
+            name = f"{self._prefix}data/{key}"
+            try:
+                info = self._zip.getinfo(name)
+            except KeyError:
+                raise CheckpointFileError(f"{self.path}: storage entry {name} is missing") from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointFileError(f"{self.path}: entry {name} is compressed; torch.save never does that")
+            header = os.pread(self._fileno(), _LOCAL_HEADER_SIZE, info.header_offset)
+            signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+            if signature != b"PK\x03\x04":
+                raise CheckpointFileError(f"{self.path}: bad zip header for {name}; the file is corrupt")
+            start = info.header_offset + _LOCAL_HEADER_SIZE + name_len + extra_len
+            if start + info.file_size > self.size:
+                raise CheckpointFileError(f"{self.path}: truncated ({self.size} bytes; entry {name} needs "
+                                          f"{start + info.file_size})")
+            self._offsets[key] = start
+        return self._offsets[key]
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read_elements(self, storage: _Storage, start: int, numel: int) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        if start + numel > storage.numel:
+            raise CheckpointFileError(f"{self.path}: a tensor reaches past its storage {storage.key}")
+        nbytes = numel * itemsize
+        buffer = bytearray(nbytes)
+        view, pos, base = memoryview(buffer), 0, self._data_offset(storage.key) + start * itemsize
+        while pos < nbytes:
+            got = os.preadv(self._fileno(), [view[pos:]], base + pos)
+            if got <= 0:
+                raise CheckpointFileError(f"{self.path}: truncated inside storage {storage.key}")
+            pos += got
+        if nbytes == 0:
+            return torch.empty(0, dtype=storage.dtype)
+        return torch.frombuffer(buffer, dtype=storage.dtype)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._zip.close()
+
+    def __enter__(self) -> "TorchFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
