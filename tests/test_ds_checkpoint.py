@@ -34,6 +34,8 @@ RUNS = {
     "tp2": (2, {"zero_optimization": {"stage": 1}}, ["--tensor-parallel", "2"]),
     "pp2": (2, {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 2}, ["--pipeline-parallel", "2"]),
     "tp2_dp2_zero3": (4, {"zero_optimization": {"stage": 3}}, ["--tensor-parallel", "2"]),
+    "tp2_pp2": (4, {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 4},
+                ["--tensor-parallel", "2", "--pipeline-parallel", "2"]),
     "dp2_zero1_bf16": (2, {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}, []),
     "dp2_zero2": (2, {"zero_optimization": {"stage": 2}}, []),
 }
@@ -91,7 +93,7 @@ def tag(run: Path, step: int = 2) -> Path:
 
 # ---- reading ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["dp2_zero3", "tp2", "pp2", "tp2_dp2_zero3", "dp2_zero1_bf16"])
+@pytest.mark.parametrize("name", ["dp2_zero3", "tp2", "pp2", "tp2_dp2_zero3", "tp2_pp2", "dp2_zero1_bf16"])
 def test_one_process_reader_equals_deepspeed_engines(runs, name):
     """Every kind of every tensor, read from the files in this process, equals what DeepSpeed's own
     engines of the checkpoint's layout hold after loading it: masters and moments bit for bit, module

@@ -2,12 +2,18 @@
 """Benchmarks, one sub-command per target; results are printed and written to BENCHMARKS.md.
 
     python tools/benchmark.py data --data cifar-10-batches-py
+    python tools/benchmark.py checkpoint --model igpt-s igpt-m --world 2 --zero-stage 3
     python tools/benchmark.py model --model igpt-tiny --resolution 32 --deepspeed_config ds_configs/zero0_fp32.json
     deepspeed --num_gpus 8 tools/benchmark.py model --model igpt-l --deepspeed_config ds_configs/zero3_bf16.json
 
 model: train-step throughput of a preset and layout through the real trainer (tokens/s, TFLOP/s
 per device, MFU, peak memory; median after warm-up). On CPU it also trains Hugging Face's
 ImageGPTForCausalImageModeling of the same size on the same batches and prints the ratio.
+
+checkpoint: exporting a DeepSpeed checkpoint (written at DP --world under --zero-stage on CPU, after
+one real step) to a consolidated file: the one-process file reader against the old path that
+re-created the checkpoint's ranks as engines; time and peak RSS of each, and the projected host RAM
+for iGPT-XL at 64 ranks under each.
 
 data: our quantizer against Hugging Face's ImageGPTImageProcessor on the same images and palette
 (tokens must be identical), and the shard loader's samples/s with 2 workers, next to the
@@ -161,7 +167,66 @@ def run_model(args) -> str:
 {ratio_line}"""
 
 
-TARGETS = {"data": run_data, "model": run_model}
+def run_checkpoint(args) -> str:
+    import tempfile
+    from pathlib import Path
+
+    from igpt_ds.config import get_preset
+    from igpt_ds.planning import bench_checkpoint as bench
+
+    rows, bases = [], []
+    with tempfile.TemporaryDirectory(prefix="igpt-bench-ckpt-", dir=args.scratch) as tmp:
+        for preset in args.model:
+            ckpt = Path(tmp) / preset
+            print(f"writing a DP {args.world} ZeRO-{args.zero_stage} checkpoint of {preset} ...", flush=True)
+            cfg = bench.write_benchmark_checkpoint(preset, args.resolution, args.world, args.zero_stage, ckpt)
+            size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**30
+            new = bench.measure_new(ckpt, Path(tmp) / f"{preset}-new")
+            old = bench.measure_old(ckpt, Path(tmp) / f"{preset}-old")
+            n = cfg.num_parameters()
+            model_mb = 4 * n / 2**20
+            bases.append((max(old["rank_peak_rss_mb"]) / model_mb, new["baseline_mb"]))
+            line = (f"{preset}: {n / 1e6:.0f}M parameters ({model_mb:,.0f} MB fp32), checkpoint {size:.2f} GiB | "
+                    f"new {new['convert_s']:.1f} s, peak RSS {new['peak_rss_mb']:,} MB "
+                    f"({new['over_baseline_mb']:+,} MB over its {new['baseline_mb']} MB start) | "
+                    f"old {old['convert_s']:.1f} s, host peak {old['host_peak_rss_mb']:,.0f} MB "
+                    f"(ranks {', '.join(f'{x:,.0f}' for x in old['rank_peak_rss_mb'])} MB)")
+            print(line, flush=True)
+            rows.append(f"| {preset} | {n / 1e6:.0f}M | {size:.2f} | {new['convert_s']:.1f} | {new['peak_rss_mb']:,} "
+                        f"({new['over_baseline_mb']:+,}) | {old['convert_s']:.1f} | {old['host_peak_rss_mb']:,.0f} |")
+    per_rank = min(b for b, _ in bases)
+    process_base = max(b for _, b in bases)
+    xl = get_preset("igpt-xl")
+    proj = bench.project(xl, 64, process_base)
+    largest = bench.largest_param(xl) * 4 / 2**20
+    print(f"iGPT-XL at 64 ranks, projected: old {proj['old_gb']:,.0f} GB, new {proj['new_gb']:.1f} GB")
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    return f"""## checkpoint: export of a DeepSpeed checkpoint, one-process reader vs the old engine ranks
+
+- Date: {datetime.date.today().isoformat()}
+- Machine: {machine()}
+- Versions: {versions()}, deepspeed {__import__('deepspeed').__version__}
+- Command: `{cmd}`
+- Setup: each preset at MR {args.resolution}^2, written by {args.world} CPU ranks under ZeRO-{args.zero_stage}
+  (fp32) after one optimizer step, exported to a consolidated fp32 `model.safetensors` by each path in a
+  fresh process. New: `tools/convert_checkpoint.py` (its printed time and peak RSS; in brackets the
+  growth over its RSS before reading). Old: `engine_reader.read_with_engines` ({args.world} engine
+  ranks) + the same export; host peak = the ranks' peak RSS summed + the parent's.
+- Load average when it finished (other jobs share the machine): {os.getloadavg()[0]:.1f}
+
+| model | parameters | checkpoint (GiB) | new: s | new: peak RSS MB (growth) | old: s | old: host peak RSS MB |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Projected host RAM to export **iGPT-XL** ({xl.num_parameters() / 1e9:.2f}B parameters) from a 64-rank
+checkpoint: old path at least 64 ranks x the full fp32 model that each gathers (4 B/parameter) =
+**{proj['old_gb']:,.0f} GB** (a lower bound: the ranks measured above peaked at {per_rank:.1f}x or more
+of the fp32 model each); new path its process's {process_base:,.0f} MB + 3 x the largest fp32 tensor
+({largest:,.0f} MB) = **{proj['new_gb']:.1f} GB**, independent of the world size.
+"""
+
+
+TARGETS = {"data": run_data, "model": run_model, "checkpoint": run_checkpoint}
 
 
 def main(argv=None):
@@ -196,6 +261,13 @@ def main(argv=None):
     model.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: looked up by name)")
     model.add_argument("--no-reference", action="store_true", help="skip the Hugging Face comparison on CPU")
     model.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
+    ckpt = sub.add_parser("checkpoint", help="export time and peak RSS: one-process reader vs the old engine ranks")
+    ckpt.add_argument("--model", nargs="+", default=["igpt-s", "igpt-m"], help="presets (default igpt-s igpt-m)")
+    ckpt.add_argument("--resolution", type=int, default=8,
+                      help="model resolution side (default 8: the step that writes Adam's state stays short)")
+    ckpt.add_argument("--world", type=int, default=2, help="ranks (DP) that write the checkpoint (default 2)")
+    ckpt.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="ZeRO stage (default 3)")
+    ckpt.add_argument("--scratch", default=None, help="directory for the checkpoints (default: the system temp)")
     args = parser.parse_args(argv)
     text = TARGETS[args.target](args)
     if not text:  # ranks other than 0

@@ -19,7 +19,10 @@ rank DeepSpeed names files by: the TP rank, or ``stage * TP + TP rank`` under a 
   files hold no 16-bit copy: ``module`` weights are the masters cast to the run's precision, which
   is what DeepSpeed's forward used.
 - ZeRO-0: ``mp_rank_{mp}_model_states.pt`` holds the module and the optimizer: torch Adam's state
-  per parameter (fp32), plus ``fp32_groups`` (bf16: per parameter) or ``fp32_groups_flat`` (fp16).
+  per parameter (fp32), plus ``fp32_groups`` (bf16: per parameter) or ``fp32_groups_flat`` (fp16,
+  read by the same rule but never run here: DeepSpeed's CPU accelerator has no fp16). Under a
+  pipeline, bf16 ZeRO-0 uses DeepSpeed's bf16 optimizer, whose ``bf16_zero_pp_rank_*`` files have the
+  ZeRO-1 layout (without ``param_shapes``; shapes come from the module files).
 - Pipeline: module weights are per layer, ``layer_{idx}-model_{tp}-model_states.pt``; parameter
   names are ``{idx}.{name in layer}`` and are mapped to the plain model's.
 - TP shards are joined by :data:`igpt_ds.model.transformer.TP_SPLITS` (dim and stride).
@@ -122,6 +125,9 @@ class DeepSpeedCheckpoint:
         self.world_size = int(meta["world_size"])
         self.dp = self.world_size // (self.tp * self.pp)
         self._files: dict[str, TorchFile] = {}
+        # DeepSpeed's bf16 optimizer (bf16 + ZeRO-0 under a pipeline) keeps ZeRO-1-like flat partitions
+        self.flat_optimizer = self.zero_stage in (1, 2) or (
+            self.zero_stage == 0 and any(self.dir.glob("bf16_zero_pp_rank_*_optim_states.pt")))
         self._check_files()
         self._cells: dict[tuple[int, int], dict[str, _Entry]] = {}
         self._stage_of: dict[str, int] = {}
@@ -148,7 +154,7 @@ class DeepSpeedCheckpoint:
                     files += [f"zero_pp_rank_{d}_mp_rank_{mp:02d}_model_states.pt" for d in range(self.dp)]
                 else:
                     files.append(f"mp_rank_{mp:02d}_model_states.pt")
-                if self.zero_stage > 0:
+                if self.zero_stage == 3 or self.flat_optimizer:
                     files += [self._optim_name(d, mp) for d in range(self.dp)]
         if self.pp > 1:
             files += [f"layer_{i:02d}-model_{t:02d}-model_states.pt"
@@ -197,29 +203,29 @@ class DeepSpeedCheckpoint:
     def _cell(self, stage: int, tp_rank: int) -> dict[str, _Entry]:
         key = (stage, tp_rank)
         if key not in self._cells:
-            build = {0: self._zero0_cell, 1: self._zero12_cell, 2: self._zero12_cell, 3: self._zero3_cell}
-            if self.zero_stage not in build:
+            if self.zero_stage not in (0, 1, 2, 3):
                 raise CheckpointFileError(f"{self.dir / META_FILE}: unknown zero_stage {self.zero_stage}")
-            cell = build[self.zero_stage](stage, tp_rank, self.mp_rank(stage, tp_rank))
+            build = self._zero3_cell if self.zero_stage == 3 else \
+                self._zero12_cell if self.flat_optimizer else self._zero0_cell
+            cell = build(stage, tp_rank, self.mp_rank(stage, tp_rank))
             if self.zero_stage < 3:
                 for name, entry in cell.items():
                     entry.readers["module"] = self._module_reader(name, entry, tp_rank)
             self._cells[key] = cell
         return self._cells[key]
 
-    def _module_reader(self, name: str, entry: _Entry, tp_rank: int) -> Callable[[], torch.Tensor]:
+    def _module_tensor(self, name: str, pipe_name: Optional[str], tp_rank: int) -> LazyTensor:
         if self.pp > 1:
-            idx, rest = entry.pipe_name.split(".", 1)
-            file, keys = f"layer_{int(idx):02d}-model_{tp_rank:02d}-model_states.pt", (rest,)
-        else:
-            file, keys = f"mp_rank_{tp_rank:02d}_model_states.pt", ("module", name)
-        return lambda: self._obj(file, *keys).load()
+            idx, rest = pipe_name.split(".", 1)
+            return self._obj(f"layer_{int(idx):02d}-model_{tp_rank:02d}-model_states.pt", rest)
+        return self._obj(f"mp_rank_{tp_rank:02d}_model_states.pt", "module", name)
+
+    def _module_reader(self, name: str, entry: _Entry, tp_rank: int) -> Callable[[], torch.Tensor]:
+        return lambda: self._module_tensor(name, entry.pipe_name, tp_rank).load()
 
     def _zero12_cell(self, stage: int, tp_rank: int, mp: int) -> dict[str, _Entry]:
-        shapes = self._obj(f"mp_rank_{mp:02d}_model_states.pt", "param_shapes")
-        cell = {self._model_name(n): _Entry(tuple(shape), n if self.pp > 1 else None)
-                for group in shapes for n, shape in group.items()}
-        pieces: dict[str, list] = {name: [] for name in cell}
+        pieces: dict[str, list] = {}
+        pipe_names: dict[str, str] = {}
         for d in range(self.dp):
             file = self._optim_name(d, mp)
             osd = self._obj(file, "optimizer_state_dict")
@@ -229,8 +235,22 @@ class DeepSpeedCheckpoint:
                 sources = {"master": osd["single_partition_of_fp32_groups"][g],
                            **{k: base["state"][sid][k] for k in ADAM_KINDS if sid in base["state"]}}
                 for pname, frag in mapping.items():
-                    pieces[self._model_name(pname)].append((sources, int(frag.start), int(frag.numel)))
+                    name = self._model_name(pname)
+                    pipe_names[name] = pname
+                    pieces.setdefault(name, []).append((sources, int(frag.start), int(frag.numel)))
+        shapes = self._obj(f"mp_rank_{mp:02d}_model_states.pt", "param_shapes")
+        if shapes:  # ZeRO-1/2 record the shapes; the bf16 optimizer does not: read them from the module files
+            cell = {self._model_name(n): _Entry(tuple(shape), n if self.pp > 1 else None)
+                    for group in shapes for n, shape in group.items()}
+        else:
+            cell = {}
+            for name in pieces:
+                pipe_name = pipe_names[name] if self.pp > 1 else None
+                cell[name] = _Entry(self._module_tensor(name, pipe_name, tp_rank).shape, pipe_name)
         for name, entry in cell.items():
+            if name not in pieces:
+                raise CheckpointFileError(f"{self.dir}: no optimizer partition of model-parallel rank {mp} "
+                                          f"holds {name}")
             for kind in ("master", *ADAM_KINDS):
                 entry.readers[kind] = self._join(pieces[name], kind, entry.shape, name)
         return cell
@@ -388,7 +408,7 @@ class DeepSpeedCheckpoint:
 
     def optimizer_hyperparameters(self) -> dict:
         """The first param group's lr, betas, eps, weight_decay."""
-        if self.zero_stage == 0:
+        if not self.flat_optimizer and self.zero_stage == 0:
             opt = self._obj(self._model_states_file(), "optimizer")
             groups = (opt if "param_groups" in opt else opt["optimizer_state_dict"])["param_groups"]
         else:
@@ -399,7 +419,7 @@ class DeepSpeedCheckpoint:
 
     def adam_step(self) -> int:
         """Adam's step count (the same for every parameter)."""
-        if self.zero_stage == 0:
+        if not self.flat_optimizer and self.zero_stage == 0:
             opt = self._obj(self._model_states_file(), "optimizer")
             state = (opt if "param_groups" in opt else opt["optimizer_state_dict"])["state"]
         else:
