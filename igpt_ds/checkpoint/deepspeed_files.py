@@ -406,25 +406,22 @@ class DeepSpeedCheckpoint:
         obj = self._obj(self._model_states_file())
         return {k: obj.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
 
-    def optimizer_hyperparameters(self) -> dict:
-        """The first param group's lr, betas, eps, weight_decay."""
+    def _torch_optimizer(self) -> dict:
+        """The torch Adam ``state_dict()`` of model-parallel rank 0, DP rank 0 (its param groups and state)."""
         if not self.flat_optimizer and self.zero_stage == 0:
             opt = self._obj(self._model_states_file(), "optimizer")
-            groups = (opt if "param_groups" in opt else opt["optimizer_state_dict"])["param_groups"]
-        else:
-            osd = self._obj(self._optim_name(0, 0), "optimizer_state_dict")
-            inner = osd["base_optimizer_state"] if self.zero_stage < 3 else osd["optimizer_state_dict"]
-            groups = inner["param_groups"]
-        return {k: groups[0][k] for k in ("lr", "betas", "eps", "weight_decay") if k in groups[0]}
+            return opt if "param_groups" in opt else opt["optimizer_state_dict"]
+        osd = self._obj(self._optim_name(0, 0), "optimizer_state_dict")
+        return osd["base_optimizer_state"] if self.zero_stage < 3 else osd["optimizer_state_dict"]
+
+    def optimizer_hyperparameters(self) -> dict:
+        """The first param group's lr (the next step's), initial_lr, betas, eps, weight_decay."""
+        group = self._torch_optimizer()["param_groups"][0]
+        return {k: group[k] for k in ("lr", "initial_lr", "betas", "eps", "weight_decay") if k in group}
 
     def adam_step(self) -> int:
         """Adam's step count (the same for every parameter)."""
-        if not self.flat_optimizer and self.zero_stage == 0:
-            opt = self._obj(self._model_states_file(), "optimizer")
-            state = (opt if "param_groups" in opt else opt["optimizer_state_dict"])["state"]
-        else:
-            osd = self._obj(self._optim_name(0, 0), "optimizer_state_dict")
-            state = (osd["base_optimizer_state"] if self.zero_stage < 3 else osd["optimizer_state_dict"])["state"]
+        state = self._torch_optimizer()["state"]
         if not state:
             raise CheckpointFileError(f"{self.dir}: Adam holds no state (the checkpoint precedes the first step)")
         step = next(iter(state.values()))["step"]

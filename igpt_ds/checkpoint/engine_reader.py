@@ -11,7 +11,6 @@ measures against; no tool reads checkpoints through it.
 from __future__ import annotations
 
 import os
-import resource
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,6 +27,7 @@ from igpt_ds.parallel import layout as parallel
 from igpt_ds.parallel.spawn import run_ranks
 from igpt_ds.parallel.weights import gather_full, unshard
 from igpt_ds.train.engine import DSSettings, WarmupCosine, build_engine, build_model
+from igpt_ds.train.metrics import peak_rss_bytes
 
 
 def rank_env() -> dict:
@@ -79,7 +79,7 @@ def _rank(rank: int, world: int, root: str, tag: str, meta: dict, kinds: Sequenc
         out.update({f"{kind}/{k}": v for k, v in tensors.items()})
     if state.dp_rank == 0 and state.tp_rank == 0:
         save_file(out, os.path.join(parts_dir, f"stage{state.pp_rank:03d}.safetensors"))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak RSS, MB
+    return peak_rss_bytes() / 2**20  # this rank's peak RSS, MB
 
 
 def read_with_engines(path, kinds: Sequence[str] = ("module",), stats: Optional[dict] = None

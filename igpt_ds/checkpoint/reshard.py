@@ -215,7 +215,9 @@ def _write_rank(rank: int, world: int, source: dict, meta: dict, out_dir: str) -
                                optimizer_restarted=report["optimizer"] == "restarted",
                                data_position=report["data_position"])
     write_checkpoint(engine, out_dir, step, new_meta, rank_state)
-    return report
+    from igpt_ds.train.metrics import peak_rss_bytes
+
+    return {**report, "peak_rss_mb": peak_rss_bytes() / 2**20}
 
 
 def _target_meta(config: ModelConfig, *, tensor_parallel: int, pipeline_parallel: int, data_parallel: int,
@@ -255,7 +257,7 @@ def _write_target(path: PathLike, source: dict, meta: dict, palette) -> tuple[Pa
 def reshard_deepspeed(src: PathLike, dst: PathLike, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                       data_parallel: int = 1, ds_config: Optional[str] = None, source: str = "") -> tuple[Path, dict]:
     """A DeepSpeed checkpoint rewritten for another DP x TP x PP layout / ZeRO stage, with Adam's state;
-    returns (path, {"optimizer": "carried", "data_position": "carried" | "reset"})."""
+    returns (path, {"optimizer": "carried", "data_position": "carried" | "reset", "largest_rank_peak_rss_mb"})."""
     root, tag, src_meta = locate(src)
     DeepSpeedCheckpoint(src).close()  # every file of the source is there before any rank starts
     config = ModelConfig.from_dict(src_meta["model"], source=str(root / tag / META_FILE))
@@ -265,7 +267,8 @@ def reshard_deepspeed(src: PathLike, dst: PathLike, *, tensor_parallel: int = 1,
                         data_parallel=data_parallel, ds_config=ds_config, step=int(src_meta.get("step", 0)),
                         source=source or str(root / tag), palette=palette, extra=extra)
     out, reports = _write_target(dst, {"kind": "deepspeed", "path": str(root / tag)}, meta, palette)
-    return out, reports[0]
+    summary = {k: reports[0][k] for k in ("optimizer", "data_position")}  # the same rule ran on every rank
+    return out, {**summary, "largest_rank_peak_rss_mb": max(r["peak_rss_mb"] for r in reports)}
 
 
 def save_deepspeed(path: PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -79,17 +78,18 @@ def measure_new(ckpt: Path, out: Path) -> dict:
 
 
 _OLD = """
-import json, resource, sys, time
+import json, sys, time
 from igpt_ds.checkpoint.engine_reader import read_with_engines
 from igpt_ds.checkpoint.consolidated import save_consolidated
 from igpt_ds.checkpoint.deepspeed_files import locate
 from igpt_ds.config import ModelConfig
+from igpt_ds.train.metrics import peak_rss_bytes
 if __name__ == "__main__":
     started, stats = time.monotonic(), {}
     sd = read_with_engines(sys.argv[1], ("module",), stats)["module"]
     save_consolidated(sys.argv[2], ModelConfig.from_dict(locate(sys.argv[1])[2]["model"]), sd)
     print(json.dumps({"convert_s": time.monotonic() - started, "rank_peak_rss_mb": stats["rank_peak_rss_mb"],
-                      "parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "parent_peak_rss_mb": peak_rss_bytes() / 2**20}))
 """
 
 
@@ -121,6 +121,3 @@ def project(cfg: ModelConfig, world: int, process_base_mb: float) -> dict:
     new = process_base_mb * 2**20 + 3 * 4 * largest_param(cfg)
     return {"old_gb": old / 1e9, "new_gb": new / 1e9}
 
-
-def peak_self_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -50,12 +50,29 @@ def peak_flops(precision: str, override_tflops: Optional[float] = None, name: Op
     return None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started (its exec).
+
+    Linux's ``VmHWM``: ``getrusage``'s ``ru_maxrss`` also counts the parent's peak when the process was
+    started by vfork + exec (Python's subprocess does that), so a small command started from a large
+    process would report the large one's memory.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def peak_memory_bytes() -> int:
     """Peak accelerator memory allocated by this process (GPU), else peak resident set size (CPU)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return peak_rss_bytes()
 
 
 class GPUMonitor:
