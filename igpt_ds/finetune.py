@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+from igpt_ds import quiet  # noqa: E402
 from igpt_ds.parallel import signals  # noqa: E402
 from igpt_ds.train.args import FinetuneArgs, parse  # noqa: E402
 
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> FinetuneArgs:
 
 def main(argv=None) -> int:
     signals.install()  # first: a job signal during start-up is remembered, not fatal
+    quiet.install(sys.argv if argv is None else argv)  # before torch: third-party notices off
     args = parse_args(argv)
     from igpt_ds.train.launch import prepare_process, run  # after the flags: --help needs no torch
 

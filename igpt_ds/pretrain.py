@@ -18,6 +18,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the package importable from the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from igpt_ds import quiet  # noqa: E402
 from igpt_ds.parallel import signals  # noqa: E402
 from igpt_ds.train.args import PretrainArgs, parse  # noqa: E402
 
@@ -28,6 +29,7 @@ def parse_args(argv=None) -> PretrainArgs:
 
 def main(argv=None) -> int:
     signals.install()  # first: a job signal during start-up is remembered, not fatal
+    quiet.install(sys.argv if argv is None else argv)  # before torch: third-party notices off
     args = parse_args(argv)
     from igpt_ds.train.launch import prepare_process, run  # after the flags: --help needs no torch
 

@@ -3,7 +3,8 @@
 The tables were checked against the argparse code the entry points had before they switched to train/args.py
 (``parse_args`` in igpt_ds/pretrain.py and igpt_ds/finetune.py): same spellings, defaults, types, choices, nargs,
 metavars, help texts, groups and parsed values. Changes on purpose: --adam-eps got a help text, and fine-tuning
-gained --max-minutes, --peak-tflops and --save-interval with the unified loop. Any other drift fails here.
+gained --max-minutes, --peak-tflops and --save-interval with the unified loop; both gained --verbose (the
+warning filter, igpt_ds/quiet.py). Any other drift fails here.
 """
 import argparse
 import dataclasses
@@ -20,6 +21,7 @@ DS_CONFIG = dict(default="ds_configs/zero0_fp32.json", aliases=("--deepspeed-con
                  help="DeepSpeed JSON: batch size, precision, ZeRO stage (default ds_configs/zero0_fp32.json)")
 SWITCH = dict(default=False, action="store_true", nargs=0)
 NO_PROGRESS = dict(default=True, action="store_false", nargs=0, dest="progress", help="no tqdm bar")
+VERBOSE = dict(SWITCH, help="show every warning, also the third-party notices filtered by default (igpt_ds/quiet.py)")
 MAX_MINUTES = "wall-clock budget: save a checkpoint and stop when it is spent (the schedule is not shortened)"
 PEAK_TFLOPS = "device peak TFLOP/s for MFU (default: looked up by name)"
 
@@ -60,6 +62,7 @@ PRETRAIN_FLAGS = {
     "--peak-tflops": (PT_CK, dict(default=None, type="float", help=PEAK_TFLOPS)),
     "--max-minutes": (PT_CK, dict(default=None, type="float", help=MAX_MINUTES)),
     "--no-progress": (PT_CK, NO_PROGRESS),
+    "--verbose": (PT_CK, VERBOSE),
 }
 FINETUNE_FLAGS = {
     "--init": (MODEL, dict(default=None, metavar="CHECKPOINT",
@@ -114,6 +117,7 @@ FINETUNE_FLAGS = {
     "--max-minutes": (FT_CK, dict(default=None, type="float", help=MAX_MINUTES)),
     "--peak-tflops": (FT_CK, dict(default=None, type="float", help=PEAK_TFLOPS)),
     "--save-interval": (FT_CK, dict(default=0, type="int", help="save every N steps besides after each evaluation")),
+    "--verbose": (FT_CK, VERBOSE),
 }
 GROUP_ORDER = {PretrainArgs: [MODEL, DATA, PAR, OPT, PT_CK], FinetuneArgs: [MODEL, DATA, PAR, OPT, FT_CK]}
 
@@ -121,7 +125,8 @@ GROUP_ORDER = {PretrainArgs: [MODEL, DATA, PAR, OPT, PT_CK], FinetuneArgs: [MODE
 SHARED_DEFAULTS = dict(activation_checkpointing=False, palette=None, num_workers=2,
                        deepspeed_config="ds_configs/zero0_fp32.json", tensor_parallel=1, pipeline_parallel=1,
                        train_steps=None, train_epochs=None, seed=0, save=None, save_interval=0, load=None,
-                       eval_interval=0, log_interval=1, peak_tflops=None, max_minutes=None, progress=True)
+                       eval_interval=0, log_interval=1, peak_tflops=None, max_minutes=None, progress=True,
+                       verbose=False)
 PRETRAIN_DEFAULTS = dict(SHARED_DEFAULTS, model="igpt-tiny", objective="ar", resolution=None,
                          train_data=("synthetic",), val_data=None, shuffle_buffer=2000, warmup_steps=None,
                          warmup_epochs=1.0, lr=3e-3, min_lr_ratio=0.0, no_decay=False, adam_eps=1e-8,

@@ -28,6 +28,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 import numpy as np  # noqa: E402
 
@@ -231,6 +234,7 @@ TARGETS = {"data": run_data, "model": run_model, "checkpoint": run_checkpoint}
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help=quiet.HELP)
     parser.add_argument("--markdown", default=os.path.join(REPO, "BENCHMARKS.md"),
                         help="file whose section for the target is replaced (default: BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")

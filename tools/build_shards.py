@@ -20,6 +20,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 from igpt_ds.data.shards import CROPS, BuildSettings, build_shards  # noqa: E402
 from igpt_ds.data.sources import open_source  # noqa: E402
@@ -28,6 +31,7 @@ from igpt_ds.palette import load_palette  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("--data", required=True, help="image source: cifar-10-batches-py/, cifar-100-python/, "
                    "stl10_binary/, an image folder (ImageNet layout or flat), or a .npz")
     p.add_argument("--split", default="train", help="train, test (STL-10: also unlabeled; folders: any "

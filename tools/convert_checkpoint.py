@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 TARGETS = ["consolidated", "hf", "deepspeed"]  # formats with a writer in igpt_ds.checkpoint.formats.FORMATS
@@ -46,6 +46,7 @@ TARGETS = ["consolidated", "hf", "deepspeed"]  # formats with a writer in igpt_d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("src", metavar="SRC", help="source directory (format detected)")
     p.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
@@ -107,10 +108,14 @@ def main(argv=None) -> int:
     print(f"{args.src} -> {out} ({args.to}, {args.dtype}): {what}")
     if args.to == "deepspeed":
         print(f"layout DP {args.data_parallel} x TP {args.tensor_parallel} x PP {args.pipeline_parallel}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ranks = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"time {time.monotonic() - started:.1f} s; peak RSS {peak:.0f} MB ({peak - rss_before:+.0f} MB over the "
-          f"{rss_before:.0f} MB before reading)" + (f"; largest rank {ranks:.0f} MB" if args.to == "deepspeed" else ""))
+    from igpt_ds.train.metrics import peak_rss_bytes
+
+    peak = peak_rss_bytes() / 2**20
+    line = f"time {time.monotonic() - started:.1f} s; peak RSS {peak:.0f} MB ({peak - rss_before:+.0f} MB over the " \
+           f"{rss_before:.0f} MB before reading)"
+    if from_deepspeed and args.to == "deepspeed":
+        line += f"; largest rank {report['largest_rank_peak_rss_mb']:.0f} MB"
+    print(line)
     return 0
 
 

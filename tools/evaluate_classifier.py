@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("--checkpoint", required=True, help="fine-tuned export: SAVE/best of igpt_ds/finetune.py")
     p.add_argument("--data", required=True, help="labelled images (or shards) to evaluate on")
     p.add_argument("--split", default="test", help="split of --data (default test)")

@@ -39,16 +39,18 @@ import math
 import os
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", help="model directory (consolidated export, HF ImageGPT, DeepSpeed checkpoint)")
     m.add_argument("--random-init", action="store_true",

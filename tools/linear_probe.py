@@ -33,12 +33,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 from igpt_ds.checkpoint.atomic import atomic_write  # noqa: E402  (torch-free, like the probe)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("--train", required=True, help="training features (.npz from tools/extract_features.py)")
     p.add_argument("--test", required=True, help="test features (same layers and widths)")
     p.add_argument("--out", required=True, help="result JSON")

@@ -12,6 +12,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 import numpy as np  # noqa: E402
 
@@ -21,6 +24,7 @@ from igpt_ds.palette import dequantize, fit_palette, palette_sha256, quantize, s
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("--data", required=True, help="image source: cifar-10-batches-py/, cifar-100-python/, "
                    "stl10_binary/, an image folder, or a .npz")
     p.add_argument("--split", default="train", help="split to sample pixels from (default: train)")

@@ -30,6 +30,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 from igpt_ds.config import PRESETS, ModelConfig, get_preset  # noqa: E402
 from igpt_ds.parallel.layout import ParallelLayout  # noqa: E402
@@ -38,6 +41,7 @@ from igpt_ds.planning.plan import RANKING_RULE, PlanInput, gib, plan, search, wh
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="igpt-s", choices=sorted(PRESETS),
                    help="preset (default igpt-s); --layers/--width/--heads override it")

@@ -17,6 +17,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 from igpt_ds.checkpoint.atomic import atomic_file  # noqa: E402
 from igpt_ds.train.metrics import read_metrics  # noqa: E402
@@ -100,6 +103,7 @@ def parse_reference(text: str) -> tuple[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("metrics", nargs="+",
                    help="metrics.jsonl written by igpt_ds/pretrain.py or igpt_ds/finetune.py --save DIR")
     p.add_argument("--label", action="append", default=[],

@@ -26,6 +26,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 from igpt_ds.checkpoint.atomic import atomic_write  # noqa: E402
 
@@ -59,6 +62,7 @@ def check_data(path: str, split: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("--data", default=DEFAULT_DATA, help="image source (default: the embedded CIFAR-10 sample)")
     p.add_argument("--out", default=os.path.join(REPO, "runs", "quickstart"), help="run directory")
     p.add_argument("--model", default="igpt-tiny", help="preset (default igpt-tiny)")

@@ -24,10 +24,11 @@ import argparse
 import os
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+from igpt_ds import quiet  # noqa: E402
+
+quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
 import numpy as np  # noqa: E402
 
@@ -52,6 +53,7 @@ def load_images(path: str, split: str, count: int, resolution: int) -> np.ndarra
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("--checkpoint", required=True, help="model directory (consolidated export or HF ImageGPT)")
     p.add_argument("--out", required=True, help="PNG file to write")
     src = p.add_argument_group("completions of real images")

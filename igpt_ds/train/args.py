@@ -79,6 +79,8 @@ class RunArgs:
                                              "(the schedule is not shortened)")
     progress: bool = flag("--no-progress", default=True, group="checkpoints", action="store_false",
                           help="no tqdm bar")
+    verbose: bool = flag("--verbose", default=False, group="checkpoints", action="store_true",
+                         help="show every warning, also the third-party notices filtered by default (igpt_ds/quiet.py)")
 
     def check_flags(self, error: Callable[[str], NoReturn]) -> None:
         """Rules between flags that argparse cannot state; ``error`` is ``parser.error`` (usage, exit 2)."""

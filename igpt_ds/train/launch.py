@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import torch
 
 
 def prepare_process() -> None:
-    """Before DeepSpeed is imported: its accelerator, and logs without per-call deprecation noise."""
-    # DeepSpeed calls torch collectives that torch 2.13 deprecates, once per call: keep logs readable.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"The pynvml package is deprecated", category=FutureWarning)
+    """Before DeepSpeed is imported: its accelerator (third-party warnings: igpt_ds.quiet, installed by the
+    entry points)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
