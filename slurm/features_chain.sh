@@ -12,7 +12,7 @@
 #
 # Variables: CHECKPOINT, DATA (image source or shard directory, as extract_features.sbatch reads it),
 # TEST_DATA (default DATA; e.g. a second shard directory), TRAIN_SPLIT (train), TEST_SPLIT (test),
-# NAME (default: DATA's base name), FEATURES (features), PROBE (probes/NAME.json), LAYERS (all),
+# NAME (default: DATA's base name), FEATURES (features), PROBE (probes/NAME.json), LAYERS (auto),
 # MERGE_TIME (02:00:00), PYTHON (python), EXTRACT_SBATCH_ARGS / PROBE_SBATCH_ARGS (sbatch options
 # for those jobs only, e.g. EXTRACT_SBATCH_ARGS='--nodes=2'), EXTRACT_ARGS / PROBE_ARGS (extra
 # arguments of tools/extract_features.py / tools/linear_probe.py, e.g. PROBE_ARGS='--concat 5').
@@ -76,7 +76,7 @@ for which in train test; do
   fi
   # SHARDS is cleared so that a value exported in this shell does not override DATA.
   submit "extract-$which" CHECKPOINT="$CHECKPOINT" DATA="$src" SHARDS= SPLIT="$split" OUT="$out" \
-    LAYERS="${LAYERS:-all}" -- --job-name="igpt-features-$which" "${extract_opts[@]}" slurm/extract_features.sbatch \
+    LAYERS="${LAYERS:-auto}" -- --job-name="igpt-features-$which" "${extract_opts[@]}" slurm/extract_features.sbatch \
     "${extract_args[@]}"
   submit "merge-$which" -- --dependency="afterok:$JOB" --kill-on-invalid-dep=yes --job-name="igpt-merge-$which" \
     --nodes=1 --ntasks=1 --cpus-per-task=2 --time="${MERGE_TIME:-02:00:00}" --chdir="$IGPT_ROOT" \

@@ -165,7 +165,6 @@ def test_labels_and_class_counts(npz):
 
 def test_modal_prediction_and_confusion():
     one = lambda c, p=0.9: torch.log(torch.tensor([[p if i == c else (1 - p) / 2 for i in range(3)]]))  # noqa
-    assert modal_prediction([one(0), one(2), one(2)]).item() == 2
-    assert modal_prediction([one(1, 0.4), one(0, 0.9)]).item() == 0  # a tie goes to the surer class
+    assert modal_prediction([one(0), one(2), one(2)], seed=0).item() == 2  # ties: tests/test_finetune.py
     cm = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
     np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [0, 0, 1]])

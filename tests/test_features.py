@@ -358,3 +358,86 @@ def test_deepspeed_checkpoint_features_equal_consolidated(setup, tmp_path_factor
         for layer in a.layers:
             np.testing.assert_array_equal(a.layer(layer), b.layer(layer))
             np.testing.assert_allclose(a.layer(layer), c.layer(layer), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: the paper's evaluation (Sec. 4.6), single mask / vote members / average
+# ---------------------------------------------------------------------------------------------
+
+def test_mask_k_of_an_image_does_not_depend_on_the_number_of_masks():
+    seq_len, prob = 64, 0.15
+    five = F.image_masks([3, 40], 5, seq_len, prob, seed=7)  # [5, 2, s]
+    for k in range(5):
+        np.testing.assert_array_equal(F.image_masks([3, 40], k + 1, seq_len, prob, seed=7)[k], five[k])
+        np.testing.assert_array_equal(F.image_masks([40], k + 1, seq_len, prob, seed=7)[k, 0], five[k, 1])
+    assert not torch.equal(five[0], five[1])
+    assert not torch.equal(F.image_masks([3], 1, seq_len, prob, seed=8)[0], five[0, :1])  # the seed matters
+
+
+@pytest.fixture(scope="module")
+def bert_setup(setup):
+    tmp = setup["tmp"]
+    make_checkpoint(tmp / "bert", setup["palette"], seed=4, objective="bert")
+    return {**setup, "ckpt": tmp / "bert"}
+
+
+def test_bert_vote_file_holds_single_mask_features_and_every_mask(bert_setup, tmp_path):
+    s = bert_setup
+    common = ["--checkpoint", s["ckpt"], "--data", s["tmp"] / "images.npz", "--layers", "0,2", "--seed", 3]
+    assert run_tool(s, *common, "--bert-masks", 3, "--bert-eval", "vote", "--batch-size", 16,
+                    "--out", tmp_path / "vote.npz") == 0
+    assert run_tool(s, *common, "--bert-masks", 1, "--batch-size", 7, "--out", tmp_path / "one.npz") == 0
+    assert run_tool(s, *common, "--bert-masks", 3, "--batch-size", 9, "--out", tmp_path / "avg.npz") == 0
+    with F.FeatureFile(tmp_path / "vote.npz") as vote, F.FeatureFile(tmp_path / "one.npz") as one, \
+            F.FeatureFile(tmp_path / "avg.npz") as avg, np.load(tmp_path / "vote.npz") as z:
+        assert vote.layers == [0, 2]  # readers of layer<l> alone see the single-mask features
+        assert vote.meta["bert_eval"] == "vote" and vote.meta["bert_masks"] == 3
+        assert avg.meta["bert_eval"] == "average" and one.meta["bert_masks"] == 1
+        assert sorted(k for k in z.files if k.startswith("layer")) == \
+            ["layer0", "layer0_mask1", "layer0_mask2", "layer2", "layer2_mask1", "layer2_mask2"]
+        for layer in (0, 2):
+            members = [z[F.feature_key(layer, k)] for k in range(3)]
+            assert all(m.shape == (60, 32) and m.dtype == np.float32 for m in members)
+            # Mask 0 is exactly the single-mask extraction (another batch size, the same seed).
+            np.testing.assert_array_equal(members[0], one.layer(layer))
+            for a in range(3):
+                for b in range(a + 1, 3):
+                    assert np.abs(members[a] - members[b]).max() > 1e-3  # fresh masks, other features
+            # The average file is the mean of the members; both sum float32 in mask order (1e-6: rounding).
+            np.testing.assert_allclose(avg.layer(layer), (members[0] + members[1] + members[2]) / 3,
+                                       atol=1e-6, rtol=0)
+
+
+def test_bert_vote_slices_merge_to_the_one_process_file(bert_setup, tmp_path):
+    s = bert_setup
+    common = ["--checkpoint", s["ckpt"], "--data", s["tmp"] / "images.npz", "--layers", "1",
+              "--bert-masks", 2, "--bert-eval", "vote", "--batch-size", 8]
+    assert run_tool(s, *common, "--out", tmp_path / "single.npz") == 0
+    for i in (0, 1):
+        assert run_tool(s, *common, "--out", tmp_path / "m.npz", "--shard-index", i, "--num-shards", 2) == 0
+    assert s["tool"].main(["merge", str(tmp_path / "m.npz")]) == 0
+    with np.load(tmp_path / "single.npz") as a, np.load(tmp_path / "m.npz") as b:
+        names = sorted(k for k in a.files if k != "meta")
+        assert names == sorted(k for k in b.files if k != "meta") == ["index", "labels", "layer1", "layer1_mask1"]
+        for name in names:
+            np.testing.assert_array_equal(a[name], b[name])
+    with F.FeatureFile(tmp_path / "m.npz") as f:
+        assert f.meta["bert_eval"] == "vote" and f.meta["merged_from"] == 2
+
+
+def test_bert_eval_bad_inputs(bert_setup, tmp_path, capsys):
+    s = bert_setup
+    data = s["tmp"] / "images.npz"
+    with pytest.raises(SystemExit):  # a vote over one mask is the single-mask file
+        run_tool(s, "--checkpoint", s["ckpt"], "--data", data, "--bert-eval", "vote", "--bert-masks", 1,
+                 "--out", tmp_path / "x.npz")
+    assert "--bert-eval vote needs --bert-masks >= 2" in capsys.readouterr().err
+    assert run_tool(s, "--checkpoint", s["tmp"] / "ckpt", "--data", data, "--bert-eval", "vote",
+                    "--out", tmp_path / "x.npz") == 2
+    assert "needs a BERT model" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+    # AR models record no BERT evaluation, as before.
+    assert run_tool(s, "--checkpoint", s["tmp"] / "ckpt", "--data", data, "--layers", "0",
+                    "--out", tmp_path / "ar.npz") == 0
+    with F.FeatureFile(tmp_path / "ar.npz") as f:
+        assert f.meta["bert_eval"] is None and f.meta["bert_masks"] is None

@@ -288,3 +288,56 @@ def test_max_minutes_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(setup,
     step = read_metrics(run / "metrics.jsonl")[-1]["step"]
     assert f"--max-minutes 0.05 reached: checkpoint saved at step {step}, exiting" in said, said[-3000:]
     assert assert_resumes_like_an_uninterrupted_run(setup, tmp_path, run, cfg) == step
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT evaluation: the modal vote over masks, ties broken at random (paper Sec. 4.6)
+# ---------------------------------------------------------------------------------------------
+
+def _one_hot_logits(classes, num_classes=4, sure=0.9):
+    """Logits [b, C] whose argmax is classes[i] for image i (log-probabilities, sure on that class)."""
+    p = torch.full((len(classes), num_classes), (1 - sure) / (num_classes - 1))
+    p[torch.arange(len(classes)), torch.as_tensor(classes)] = sure
+    return p.log()
+
+
+def test_modal_vote_breaks_ties_at_random_and_never_overrules_a_majority():
+    from igpt_ds.evaluate.classifier import modal_prediction
+
+    # Image 0: a 2-2 tie between classes 1 and 3 (class 0 got one vote, class 2 none); the more
+    # confident logits of class 3 must not decide it. Image 1: class 2 has 3 of 5 votes.
+    votes = [[1, 2], [3, 2], [1, 2], [3, 0], [0, 1]]
+    logits = [_one_hot_logits(v) for v in votes]
+    logits[1][0] = _one_hot_logits([3], sure=0.999)[0]
+    picks = [modal_prediction(logits, seed=s, batch_index=b) for s in range(20) for b in (0, 1)]
+    tie = {int(p[0]) for p in picks}
+    assert tie == {1, 3}  # each tied class wins for some seeds, the others never
+    assert all(int(p[1]) == 2 for p in picks)  # a clear majority always wins
+    # Reproducible: the same (seed, batch) always breaks the tie the same way.
+    assert all(torch.equal(modal_prediction(logits, 5, 1), modal_prediction(logits, 5, 1)) for _ in range(3))
+    # A tie is broken evenly: two masks voting (0, 1) on every image of a batch of 8, 100 seeds
+    # (800 draws, 400 expected each; 5 standard deviations = 71).
+    picks = torch.stack([modal_prediction([_one_hot_logits([0] * 8), _one_hot_logits([1] * 8)], seed=s)
+                         for s in range(100)])
+    assert set(picks.unique().tolist()) == {0, 1} and abs(int((picks == 0).sum()) - 400) < 71
+
+
+def test_bert_predict_votes_over_the_evaluation_masks_with_the_run_seed():
+    from igpt_ds.config import get_preset
+    from igpt_ds.evaluate.classifier import bert_eval_masks, predict
+
+    cfg = get_preset("igpt-tiny", resolution=8, objective="bert")
+    tokens = torch.zeros(6, cfg.seq_len, dtype=torch.long)
+    seen = []
+
+    def classify(t, mask):  # mask 0 votes class 0, mask 1 class 2, on every image: all tied
+        seen.append(mask)
+        return None, _one_hot_logits([0 if len(seen) % 2 else 2] * len(t))
+
+    preds = []
+    for s in range(10):
+        preds.append(predict(classify, tokens, cfg, 2, seed=s, batch_index=3))
+        want = bert_eval_masks(tokens.shape, cfg.bert_mask_prob, 2, seed=s, batch_index=3)
+        assert all(torch.equal(m, w) for m, w in zip(seen[-2:], want))  # the masks of (seed, batch)
+    assert {int(c) for p in preds for c in p} == {0, 2}  # each tied class, never another
+    assert torch.equal(predict(classify, tokens, cfg, 2, seed=4, batch_index=3), preds[4])

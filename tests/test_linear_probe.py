@@ -124,13 +124,20 @@ def test_bad_inputs(tmp_path, capsys):
                           "--out", str(tmp_path / "o.json"), "--quiet", *extra])
         return code, capsys.readouterr().err
 
-    for test, needle in [("layers.npz", "hold different layers"), ("width.npz", "disagree on feature widths"),
+    write_features(tmp_path / "other.npz", {2: f(), 3: f()}, y)
+    for test, needle in [("other.npz", "none in common"), ("width.npz", "disagree on feature widths"),
                          ("nolabels.npz", "no 'labels' array"), ("unlabeled.npz", "have no label"),
                          ("missing.npz", "no such feature file")]:
         code, err = run(test)
         assert code == 2 and needle in err, (test, err)
     code, err = run("a.npz", "--layers", "5")
     assert code == 2 and "valid layers are 0..1" in err
+    code, err = run("layers.npz", "--layers", "1")  # asked for a layer the test file lacks
+    assert code == 2 and "layer(s) [1] are not in" in err and "layers.npz" in err
+    # By default the layers both hold are probed (--layers auto may keep fewer layers of a large train split).
+    code, _ = run("layers.npz")
+    assert code == 0 and set(json.loads((tmp_path / "o.json").read_text())["layers"]) == {"0"}
+    (tmp_path / "o.json").unlink()
     code, err = run("a.npz", "--low-data", "2")
     assert code == 2 and "fewer than one example per class" in err
     code, err = run("a.npz", "--baseline", "nonsense")

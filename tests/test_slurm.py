@@ -154,7 +154,7 @@ def test_dry_run_feature_extraction_shards():
         # every task names OUT itself; the tool adds its slice's .partNNNNN-of-NNNNN (issue 19)
         assert "--out feats/c10-test.npz" in line and ".shard" not in line
         assert f"CUDA_VISIBLE_DEVICES={i % 8}" in line
-        assert "--split test --layers all" in line
+        assert "--split test --layers auto" in line
 
 
 def test_dry_run_probe():

@@ -3,6 +3,7 @@
 
     python tools/benchmark.py data --data cifar-10-batches-py
     python tools/benchmark.py checkpoint --model igpt-s igpt-m --world 2 --zero-stage 3
+    python tools/benchmark.py probe --data cifar-10-batches-py
     python tools/benchmark.py model --model igpt-tiny --resolution 32 --deepspeed_config ds_configs/zero0_fp32.json
     deepspeed --num_gpus 8 tools/benchmark.py model --model igpt-l --deepspeed_config ds_configs/zero3_bf16.json
 
@@ -18,9 +19,20 @@ for iGPT-XL at 64 ranks under each.
 data: our quantizer against Hugging Face's ImageGPTImageProcessor on the same images and palette
 (tokens must be identical), and the shard loader's samples/s with 2 workers, next to the
 samples/s one H100 consumes training igpt-l at MR 32^2.
+
+probe: the SGD linear probe (tools/linear_probe.py --solver sgd) on a synthetic ImageNet-like
+float16 feature file: training rows/s, features/s per layer and peak RSS with L layers in one pass
+against L one-layer runs; with --data, test accuracy beside the L-BFGS probe on real CIFAR images
+through a tiny random-weights iGPT.
+
+decode: images/s of tools/extract_features.py's image-folder path (JPEG decode + centre-crop resize
+in --num-workers DataLoader workers, then quantize) for each worker count, on a folder of real
+images saved as 256x256 JPEGs, next to the images/s one H100 extracts features at for each preset:
+how many --num-workers keep a GPU fed.
 """
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
@@ -229,7 +241,129 @@ of the fp32 model each); new path its process's {process_base:,.0f} MB + 3 x the
 """
 
 
-TARGETS = {"data": run_data, "model": run_model, "checkpoint": run_checkpoint}
+def run_decode(args) -> str:
+    import tempfile
+
+    import torch
+
+    from igpt_ds.data.sources import open_source, sample_pixels
+    from igpt_ds.palette import fit_palette, load_palette
+    from igpt_ds.planning.bench_data import decode_throughput, extraction_consumption, write_jpeg_folder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = open_source(args.data, args.split)
+    if args.palette:
+        palette, palette_note = load_palette(args.palette), args.palette
+    else:
+        palette = fit_palette(sample_pixels(source, 100_000, seed=0), 512, seed=0, iters=10)
+        palette_note = "512-colour k-means fitted on 100,000 pixels of the source (seed 0, 10 iterations)"
+    rows, folders = [], []
+    with tempfile.TemporaryDirectory(prefix="igpt-bench-decode-", dir=args.scratch) as tmp:
+        for side in args.side:
+            folder = os.path.join(tmp, f"jpeg{side}")
+            n = write_jpeg_folder(source, folder, args.images, side, args.quality)
+            kib = sum(e.stat().st_size for d in os.scandir(folder) for e in os.scandir(d.path)) / n / 1024
+            folders.append((side, folder, kib))
+            print(f"{n} images of {source.name} as {side}x{side} JPEG (quality {args.quality}, {kib:.1f} KiB "
+                  f"each); palette: {palette_note}", flush=True)
+        configs = [(f, r, w, q) for f in folders for r in args.resolution for w in args.workers for q in (False, True)]
+        best: dict = {}
+        # Rounds interleave the configurations and each keeps its best round: other jobs on a
+        # shared machine only ever slow a round down.
+        for round_ in range(args.rounds):
+            for (side, folder, _), r, w, q in configs:
+                m = decode_throughput(folder, palette, r, w, batch_size=args.batch_size, quantize_too=q, device="cpu")
+                if (side, r, w, q) not in best or m["images_per_s"] > best[side, r, w, q]["images_per_s"]:
+                    best[side, r, w, q] = m
+                print(f"round {round_ + 1}/{args.rounds}: {side}x{side} JPEG -> MR {r}^2, {w} workers, "
+                      f"{'decode+resize+quantize' if q else 'decode+resize'}: {m['images_per_s']:,.0f} images/s, "
+                      f"{m['cpu_ms_per_image']:.2f} CPU ms/image (first batch after {m['startup_s']:.2f} s)",
+                      flush=True)
+    for side, _, kib in folders:
+        for r in args.resolution:
+            for w in args.workers:
+                d, q = best[side, r, w, False], best[side, r, w, True]
+                rows.append(f"| {side}² ({kib:.0f} KiB) | {r}² | {w} | {d['images_per_s']:,.0f} | "
+                            f"{d['cpu_ms_per_image']:.2f} | {q['images_per_s']:,.0f} | {d['startup_s']:.2f} |")
+
+    def rate(r: dict) -> str:
+        return f"{r['images_per_s']:,.0f}" if r["images_per_s"] >= 10 else f"{r['images_per_s']:.1f}"
+
+    # Decoders one GPU needs: its images/s x the costliest measured CPU time per image (the largest
+    # JPEGs, resized to the measured resolution nearest the preset's), decode+resize only.
+    largest_side = max(args.side)
+
+    def decoders(r: dict) -> int:
+        nearest = min(args.resolution, key=lambda res: abs(res - r["resolution"]))
+        cpu_ms = max(best[largest_side, nearest, w, False]["cpu_ms_per_image"] for w in args.workers)
+        return max(1, math.ceil(r["images_per_s"] * cpu_ms / 1000))
+
+    gpu_rows, needed = [], []
+    for preset in args.presets:
+        bf16 = extraction_consumption(preset, "bf16", args.mfu)
+        fp32 = extraction_consumption(preset, "fp32", args.mfu)
+        bert = extraction_consumption(preset, "bf16", args.mfu, passes=5)
+        needed += [decoders(fp32), decoders(bf16), decoders(bert)]
+        gpu_rows.append(f"| {preset} | {bf16['resolution']}² | {bf16['flops_per_image'] / 1e9:,.0f} | "
+                        f"{rate(fp32)} ({decoders(fp32)}) | {rate(bf16)} ({decoders(bf16)}) | "
+                        f"{rate(bert)} ({decoders(bert)}) |")
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    peak32 = extraction_consumption("igpt-s", "fp32")["peak_flops"]
+    peak16 = extraction_consumption("igpt-s", "bf16")["peak_flops"]
+    return f"""## Feature extraction decoders
+
+`tools/benchmark.py decode`: the image-folder data path of `tools/extract_features.py --data`, per
+`--num-workers`, next to what one GPU consumes.
+
+- Date: {datetime.date.today().isoformat()}
+- Machine: {machine()}
+- Versions: {versions()}
+- Command: `{cmd}`
+- Images: {n} of `{source.name}` upscaled (bicubic) to each side below and saved as JPEG quality
+  {args.quality} in an ImageNet-layout folder; batch {args.batch_size}; palette: {palette_note}
+- images/s: the steady rate of one pass over the folder, timed from the first batch (best of {args.rounds}
+  interleaved rounds); CPU ms/image: CPU time of the process and its workers over the pass, per
+  image, which other jobs on the machine do not change (1000 / it = images/s one core decodes)
+- decode+resize: `igpt_ds.evaluate.features.image_loader` (PIL decode + centre-crop resize in the
+  workers), the CPU's whole share when `quantize` runs on the GPU; + quantize: `source_batches` with
+  `quantize` on the CPU in the main process ({torch.get_num_threads()} torch threads)
+- Load average when it finished (other jobs share the machine): {os.getloadavg()[0]:.1f}
+
+| JPEG side (mean size) | MR | --num-workers | decode+resize (images/s) | CPU ms/image | + quantize on CPU (images/s) | first batch after (s) |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Wall-clock rates grow with workers only while cores are free (here {os.cpu_count()} cores, load
+{os.getloadavg()[0]:.1f} at the end, and the main process needs one too); size decoders from CPU ms/image.
+
+What one H100 extracts (images/s) at an assumed {100 * args.mfu:.0f}% MFU: forward FLOPs per image =
+(6N + 12·L·d·T) / 3 × T tokens through every block (`extraction_consumption` in
+`igpt_ds/planning/bench_data.py`); peaks {peak32 / 1e12:.0f} TFLOP/s fp32 (`--dtype fp32`, the default; PyTorch
+uses no TF32) and {peak16 / 1e12:.0f} TFLOP/s bf16 (`--dtype bf16`); BERT: 5 forward passes per image (`--bert-masks 5`).
+In brackets: the decoding workers that keep up, images/s × the highest CPU ms/image measured above
+for {largest_side}² JPEGs at the nearest MR, / 1000, rounded up (real photographs cost more to decode than
+these smooth upscaled images; ImageNet's average image is about 400x350).
+
+| preset | MR | GFLOP/image | fp32 (workers) | bf16 (workers) | bf16, BERT 5 masks (workers) |
+|---|---|---|---|---|---|
+{chr(10).join(gpu_rows)}
+
+The most any row needs is {max(needed)} worker(s). `tools/extract_features.py --num-workers` defaults to
+min(8, the CPU cores the process may use): that, with headroom for real photographs, and within a
+Slurm task's `--cpus-per-task=8` (`slurm/extract_features.sbatch`) when 8 GPUs share a node.
+"""
+
+
+def run_probe(args) -> str:
+    from igpt_ds.planning import bench_probe
+
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    return bench_probe.report(args, machine(), versions(), cmd)
+
+
+TARGETS = {"data": run_data, "model": run_model, "checkpoint": run_checkpoint, "decode": run_decode,
+           "probe": run_probe}
 
 
 def main(argv=None):
@@ -272,6 +406,39 @@ def main(argv=None):
     ckpt.add_argument("--world", type=int, default=2, help="ranks (DP) that write the checkpoint (default 2)")
     ckpt.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="ZeRO stage (default 3)")
     ckpt.add_argument("--scratch", default=None, help="directory for the checkpoints (default: the system temp)")
+    dec = sub.add_parser("decode", help="image-folder decode+resize(+quantize) images/s per --num-workers, "
+                         "next to what one GPU extracts")
+    dec.add_argument("--data", required=True, help="image source to make the JPEGs from, e.g. cifar-10-batches-py/")
+    dec.add_argument("--split", default="train")
+    dec.add_argument("--images", type=int, default=0, help="images to use (default: 0 = all)")
+    dec.add_argument("--side", type=int, nargs="+", default=[256],
+                     help="JPEG sides in pixels (default 256: ImageNet-like; its images average ~400x350)")
+    dec.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    dec.add_argument("--resolution", type=int, nargs="+", default=[32, 64],
+                     help="model resolutions to resize to (default 32 64: igpt-s/m/l and igpt-xl)")
+    dec.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts (default 0 1 2)")
+    dec.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64, the extractor's)")
+    dec.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row keeps its best (default 3)")
+    dec.add_argument("--palette", help="palette.npy (default: fit one on the source)")
+    dec.add_argument("--threads", type=int, default=0, help="torch threads of the main process (default: torch's)")
+    dec.add_argument("--presets", nargs="+", default=["igpt-s", "igpt-m", "igpt-l", "igpt-xl"],
+                     help="presets whose GPU consumption is listed (default: all four)")
+    dec.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOP utilisation (default 0.5)")
+    dec.add_argument("--scratch", default=None, help="directory for the JPEG folder (default: the system temp)")
+    probe = sub.add_parser("probe", help="SGD linear probe: features/s per layer and peak RSS, L layers at once vs "
+                           "one at a time; accuracy beside L-BFGS")
+    probe.add_argument("--rows", type=int, default=200_000, help="training rows (default 200000)")
+    probe.add_argument("--test-rows", type=int, default=10_000, help="test rows (default 10000)")
+    probe.add_argument("--width", type=int, default=1536, help="features per layer (default 1536: iGPT-L)")
+    probe.add_argument("--layers", type=int, default=4, help="layers in the file (default 4)")
+    probe.add_argument("--classes", type=int, default=1000, help="classes (default 1000: ImageNet)")
+    probe.add_argument("--iterations", type=int, default=40, help="steps per fit (default 40)")
+    probe.add_argument("--batch-size", type=int, default=256, help="mini-batch (default 256, the probe's)")
+    probe.add_argument("--memory-budget", type=float, default=1024, help="MB (default 1024, the probe's)")
+    probe.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    probe.add_argument("--data", help="CIFAR folder for the accuracy comparison with L-BFGS (default: none)")
+    probe.add_argument("--images", type=int, default=0, help="images of --data to use (default 0 = all)")
+    probe.add_argument("--scratch", default=None, help="directory for the feature files (default: the system temp)")
     args = parser.parse_args(argv)
     text = TARGETS[args.target](args)
     if not text:  # ranks other than 0

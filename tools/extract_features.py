@@ -13,8 +13,17 @@ carries no palette needs --palette FILE, checked against the hash the checkpoint
 
 Output (.npz): layer<l> (N, d) per extracted layer (0 = embedding output, L = last block),
 labels (N,) (-1 = unlabeled), index (N,), meta (JSON). norm is the parameter-free norm of the
-model's kind (LayerNorm without gain/bias, or RMS without gain); BERT models average the features
-of --bert-masks fresh random masks (default 5). Written streaming and atomically.
+model's kind (LayerNorm without gain/bias, or RMS without gain). BERT models see --bert-masks K
+fresh random masks (default 5): --bert-eval average (default) stores the features averaged over
+them; --bert-eval vote stores layer<l> = the features under mask 0 (what --bert-masks 1 gives:
+the paper's single-mask number) and layer<l>_mask<k>, k = 1..K-1, the features under mask k, for
+the paper's modal vote (Sec. 4.6). Written streaming and atomically.
+
+ImageNet-sized sources (>= 100,000 images in the split, all slices together) get other defaults:
+--layers auto stores the middle half of the stack (L//4 .. L-L//4; the paper's best layers lie
+in the middle) instead of every layer, and --dtype-out auto stores float16 (also when float32
+would exceed 16 GiB). The resolved choices and the projected size of the output are printed
+before any work; an output that does not fit in the free space of its directory is refused.
 
 Baselines for the linear probe, with the same files and the same probe code:
   --raw-pixels           features = the palette colours of the quantized image, flattened (layer0)
@@ -68,14 +77,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hold out this fraction of train as split 'val' (and 'train' is the rest)")
     d.add_argument("--split-seed", type=int, default=0, help="seed of the --val-fraction split (default 0)")
     d.add_argument("--palette", help="palette .npy (needed when the checkpoint carries none; checked by hash)")
-    d.add_argument("--num-workers", type=int, default=2, help="image decoding/resizing workers (default 2)")
+    d.add_argument("--num-workers", type=int, default=None,
+                   help="JPEG decoding/resizing worker processes for --data (default: min(8, CPU cores this "
+                        "process may use): BENCHMARKS.md 'Feature extraction decoders' measures a worker's images/s "
+                        "against what one GPU extracts per preset (igpt-s in bf16 needs the most); 0 decodes in "
+                        "this process)")
+    d.add_argument("--allow-augmented-shards", action="store_true",
+                   help="accept --shards built with random crops (tools/build_shards.py --crop random-resized): "
+                        "their features are of augmented views, not of the evaluation centre crop")
     f = p.add_argument_group("features")
-    f.add_argument("--layers", default="all", help="'all', 'middle', 3, 2-5, 1,3,8 (0 = embedding output; default all)")
+    f.add_argument("--layers", default="auto",
+                   help="'auto', 'all', 'middle', 3, 2-5, 1,3,8 (0 = embedding output). Default auto: every layer, "
+                        "or for sources of >= 100,000 images the middle half L//4..L-L//4 (iGPT-L: 12..36), where "
+                        "the paper finds the best probe layers (about half the layers; with float16 a quarter "
+                        "of the disk)")
     f.add_argument("--out", help="output .npz")
-    f.add_argument("--dtype-out", choices=["float32", "float16"], default="float32",
-                   help="stored dtype (default float32)")
+    f.add_argument("--dtype-out", choices=["auto", "float32", "float16"], default="auto",
+                   help="stored dtype. Default auto: float16 for sources of >= 100,000 images or when float32 "
+                        "features would exceed 16 GiB (half the disk), "
+                        "else float32")
     f.add_argument("--bert-masks", type=int, default=5,
-                   help="BERT models: masked passes averaged (default 5; 0 = no mask)")
+                   help="BERT models: masked passes per image (default 5, the paper's; 0 = no mask)")
+    f.add_argument("--bert-eval", choices=["average", "vote"], default="average",
+                   help="BERT models: 'average' (default) stores the features averaged over the --bert-masks "
+                        "masks; 'vote' stores layer<l> = mask 0 (the single-mask features, equal to --bert-masks 1) "
+                        "and layer<l>_mask<k> for k = 1..K-1, for a modal vote over masks (paper Sec. 4.6); "
+                        "K times the disk")
     f.add_argument("--seed", type=int, default=0, help="seed of BERT masks and --random-init weights (default 0)")
     r = p.add_argument_group("running")
     r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -104,7 +131,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--random-init and --raw-pixels are two different baselines: run them separately")
     if args.batch_size < 1 or args.bert_masks < 0:
         p.error("--batch-size must be >= 1 and --bert-masks >= 0")
+    if args.num_workers is not None and args.num_workers < 0:
+        p.error(f"--num-workers {args.num_workers} must be >= 0 (0 decodes in this process)")
+    if args.bert_eval == "vote" and args.bert_masks < 2:
+        p.error(f"--bert-eval vote needs --bert-masks >= 2 (got {args.bert_masks}): a vote over one mask is its "
+                f"single-mask features, which --bert-eval average --bert-masks 1 stores")
+    if args.bert_eval == "vote" and args.raw_pixels:
+        p.error("--bert-eval vote needs a BERT model; --raw-pixels has no masks")
     return args
+
+
+def default_num_workers() -> int:
+    """min(8, CPU cores this process may use): enough decoders for one GPU (BENCHMARKS.md), no more
+    than a Slurm task's cores (its CPU affinity), and 8 per process when 8 GPUs share a node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
+def check_shard_crop(manifests, shards: str, allow: bool) -> None:
+    """Refuse shards built with random crops (augmented views) unless ``allow``; the manifest records the crop."""
+    for man in manifests:
+        build = man.data.get("build") or {}
+        crop = build.get("crop")
+        if crop == "center" or allow:
+            continue
+        what = f"were built with --crop {crop} ({build.get('views', 1)} view(s) per image)" if crop else \
+            "record no crop mode (build.crop)"
+        raise ValueError(f"--shards {shards}: the shards of {man.directory} {what} according to {man.path}; "
+                         f"features must be of the evaluation transform (centre crop), not of augmented views. "
+                         f"Rebuild them with tools/build_shards.py --crop center (the default), extract from the "
+                         f"images with --data, or pass --allow-augmented-shards to use these anyway")
 
 
 class Interrupted(Exception):
@@ -234,8 +293,7 @@ def extract(args) -> str:
     device = pick_device(args.device, args.shard_index)
     own_process_group()
     _check_signal()
-    model, cfg, palette, sha, how = build_model(args, device)
-    r = cfg.resolution
+    # The data first: a source or shard set that cannot be used is refused before the model loads.
     if args.data:
         from igpt_ds.data.sources import open_source
 
@@ -248,50 +306,67 @@ def extract(args) -> str:
         from igpt_ds.data.tokens import resolve_source
 
         specs, manifests = resolve_source(args.shards)
-        for man in manifests:
-            check_manifest(man, sha, r)
-        sha = sha or manifests[0].palette_sha256
-        if palette is None and args.raw_pixels:
-            raise ValueError("--raw-pixels turns tokens into palette colours: pass --palette or a checkpoint with one")
+        check_shard_crop(manifests, args.shards, args.allow_augmented_shards)
         total, label_names = sum(s.samples for s in specs), list(manifests[0].label_names)
         origin = {"shards": os.path.abspath(args.shards)}
     start, end = F.slice_range(total, args.shard_index, args.num_shards)
     if end <= start:
         raise ValueError(f"slice {args.shard_index} of {args.num_shards} of {total} images is empty")
-    if args.data:
-        batches = F.source_batches(source, palette, r, start, end, args.batch_size, args.num_workers, device)
-    else:
-        batches = F.shard_batches(specs, cfg.seq_len, cfg.vocab_size, start, end, args.batch_size, device)
+    model, cfg, palette, sha, how = build_model(args, device)
+    r = cfg.resolution
+    if args.shards:
+        for man in manifests:
+            check_manifest(man, sha, r)
+        sha = sha or manifests[0].palette_sha256
+        if palette is None and args.raw_pixels:
+            raise ValueError("--raw-pixels turns tokens into palette colours: pass --palette or a checkpoint with one")
+    bert = cfg.objective == "bert" and not args.raw_pixels
+    if args.bert_eval == "vote" and not bert:
+        raise ValueError(f"--bert-eval vote needs a BERT model: {args.checkpoint or args.model} is "
+                         f"{cfg.objective!r} (AR models have no masks); leave out --bert-eval")
+    masks = args.bert_masks if bert else None
+    vote = bert and args.bert_eval == "vote"
+    bert_eval = None if not bert else "vote" if vote else "average" if masks else "unmasked"
 
     if args.raw_pixels:
-        layers, widths, kind = [0], {0: cfg.seq_len * 3}, "raw-pixels"
+        layers, widths, kind, layers_why = [0], {0: cfg.seq_len * 3}, "raw-pixels", "raw pixels: one array"
         colours = torch.from_numpy(np.asarray(palette, np.float32)).to(device)
 
         def compute(batch):
-            return {0: colours[batch["tokens"]].reshape(len(batch["tokens"]), -1)}
+            return {F.feature_key(0): colours[batch["tokens"]].reshape(len(batch["tokens"]), -1)}
     else:
-        layers = F.parse_layers(args.layers, cfg.n_layer)
+        layers, layers_why = F.resolve_layers(args.layers, cfg.n_layer, total)
         widths, kind = {l: cfg.d_model for l in layers}, "random-init" if args.random_init else "model"
-        masks = args.bert_masks if cfg.objective == "bert" else None
 
         def compute(batch):
-            return F.batch_features(model, batch["tokens"], layers, batch["index"], masks or 0, args.seed)
+            if vote:
+                per_mask = F.mask_features(model, batch["tokens"], layers, batch["index"], masks, args.seed)
+                return {F.feature_key(l, k): f[l] for k, f in enumerate(per_mask) for l in layers}
+            feats = F.batch_features(model, batch["tokens"], layers, batch["index"], masks or 0, args.seed)
+            return {F.feature_key(l): feats[l] for l in layers}
 
     meta = {"kind": kind, "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
             "model": cfg.to_dict(), "palette_sha256": sha, "palette_from": how, "source": origin,
             "label_names": label_names, "dtype_model": args.dtype,
             "norm": ("none (raw pixels)" if args.raw_pixels else
                      f"parameter-free {cfg.norm} (no gain/bias), eps={cfg.norm_eps}, then mean over positions"),
-            "bert_masks": None if args.raw_pixels or cfg.objective != "bert" else args.bert_masks,
-            "seed": args.seed}
+            "bert_masks": masks, "bert_eval": bert_eval, "seed": args.seed}
     out = args.out
     if args.num_shards > 1:
         out = str(F.part_path(args.out, args.shard_index, args.num_shards))
         meta["slice"] = {"shard_index": args.shard_index, "num_shards": args.num_shards, "start": start, "end": end}
-    ex = F.Extraction(layers=layers, widths=widths, total=total, start=start, end=end, meta=meta)
+    ex = F.Extraction(layers=layers, widths=widths, total=total, start=start, end=end, meta=meta,
+                      masks=masks if vote else 1)
+    dtype_out, dtype_why = F.resolve_dtype_out(args.dtype_out, total, sum(ex.arrays().values()))
+    num_workers = args.num_workers if args.num_workers is not None else default_num_workers()
+    span = f"layers {layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1 \
+        else f"layers {','.join(map(str, layers))}"
+    print(f"{total:,} images, rows {start}..{end}; {span} ({layers_why}); {dtype_out} ({dtype_why})"
+          + (f"; BERT {bert_eval} over {masks} masks" if bert else "")
+          + (f"; {num_workers} decoding workers" if args.data else ""), flush=True)
     # What F.extract will record: compared with an existing file to decide whether a restart keeps it.
     final = dict(meta, format=F.FORMAT, version=F.VERSION, layers=layers, total=total, num_rows=end - start,
-                 dtype=args.dtype_out)
+                 dtype=dtype_out)
     if not args.overwrite:
         keep, why = reusable(out, final, [args.checkpoint, args.data or args.shards, args.palette])
         if keep:
@@ -300,9 +375,19 @@ def extract(args) -> str:
             return out
         if why:
             print(f"{why}: extracting again", flush=True)
+    file_bytes, largest = ex.projected_bytes(dtype_out)
+    free = F.free_bytes(out)
+    need = F.check_free_space(out, file_bytes, largest, free, dtype_out, ex.masks)
+    print(f"output {out}: {end - start:,} rows x {len(ex.arrays())} arrays ({sum(ex.arrays().values()):,} values "
+          f"per row) in {dtype_out} + labels/index = {F.human_bytes(file_bytes)}; needs {F.human_bytes(need)} while "
+          f"written, {F.human_bytes(free)} free", flush=True)
+    if args.data:
+        batches = F.source_batches(source, palette, r, start, end, args.batch_size, num_workers, device)
+    else:
+        batches = F.shard_batches(specs, cfg.seq_len, cfg.vocab_size, start, end, args.batch_size, device)
     _check_signal()
     t0 = time.perf_counter()
-    path = F.extract(_until_signalled(batches), compute, ex, out, args.dtype_out, progress=not args.no_progress,
+    path = F.extract(_until_signalled(batches), compute, ex, out, dtype_out, progress=not args.no_progress,
                      num_batches=math.ceil((end - start) / args.batch_size))
     dt = time.perf_counter() - t0
     if args.progress_file:
@@ -310,8 +395,7 @@ def extract(args) -> str:
 
         os.makedirs(os.path.dirname(os.path.abspath(args.progress_file)), exist_ok=True)
         atomic_write(args.progress_file, f"{path} {time.time():.3f}\n")
-    what = f"layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-    print(f"{end - start} images ({kind}, {what}, {device}, {args.dtype}) in {dt:.1f}s "
+    print(f"{end - start} images ({kind}, {span}, {device}, {args.dtype}) in {dt:.1f}s "
           f"({(end - start) / max(dt, 1e-9):.1f} images/s) -> {path}")
     return str(path)
 

@@ -3,7 +3,9 @@
 Shared by fine-tuning's validation (:class:`igpt_ds.train.classify_task.ClassifyTask`) and
 ``tools/evaluate_classifier.py`` (a fine-tuned export in a plain process), so both score the same way:
 the K evaluation masks of a batch are a function of (seed, batch index, k) only, the same on every
-TP/PP rank and in every run.
+TP/PP rank and in every run. BERT predictions are the paper's (Sec. 4.6): "sample 5 independent
+masks for each input and take the modal prediction, breaking ties at random"; the random tie-break
+is seeded like the masks, by (seed, batch index), so a run's accuracy is reproducible.
 """
 from __future__ import annotations
 
@@ -30,14 +32,22 @@ def bert_eval_masks(tokens_shape, prob: float, k: int, seed: int, batch_index: i
     return [bert_mask(tokens_shape, prob, torch.Generator().manual_seed(s)) for s in seeds]
 
 
-def modal_prediction(clf_logits: list[torch.Tensor]) -> torch.Tensor:
-    """The class predicted most often over K masks; ties go to the higher mean probability."""
+TIE_STREAM = EVAL_STREAM - 1  # seeds the vote's tie-breaks; distinct from the masks' stream
+
+
+def modal_prediction(clf_logits: list[torch.Tensor], seed: int, batch_index: int = 0) -> torch.Tensor:
+    """The class predicted most often over K masks [b]; ties broken uniformly at random.
+
+    Each (image, class) gets a uniform draw in [0, 1) from a generator seeded by (``seed``,
+    ``batch_index``); added to the integer vote counts it orders the tied classes at random and
+    can never lift a class over one with more votes. Seeded like :func:`bert_eval_masks`, so the
+    same run scores the same on every rank and every time.
+    """
     votes = torch.zeros_like(clf_logits[0], dtype=torch.float32)
-    probs = torch.zeros_like(votes)
     for logits in clf_logits:
         votes += torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        probs += logits.float().softmax(-1) / len(clf_logits)
-    return (votes + 0.5 * probs).argmax(-1)  # a mean probability is < 1, so it only breaks ties
+    g = torch.Generator().manual_seed(bert_mask_seed(seed, TIE_STREAM, batch_index))
+    return (votes + torch.rand(votes.shape, generator=g).to(votes.device)).argmax(-1)
 
 
 @torch.no_grad()
@@ -47,7 +57,7 @@ def predict(classify: Callable, tokens: torch.Tensor, cfg: ModelConfig, bert_mas
     if cfg.objective != "bert":
         return classify(tokens, None)[1].argmax(-1)
     masks = bert_eval_masks(tokens.shape, cfg.bert_mask_prob, bert_masks, seed, batch_index)
-    return modal_prediction([classify(tokens, m.to(tokens.device))[1] for m in masks])
+    return modal_prediction([classify(tokens, m.to(tokens.device))[1] for m in masks], seed, batch_index)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:

@@ -36,6 +36,14 @@ LAYER_KEY = re.compile(r"^layer(\d+)$")
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+def feature_key(layer: int, mask: int = 0) -> str:
+    """Array name of layer ``layer`` under BERT mask ``mask``: ``layer<l>`` for mask 0, else ``layer<l>_mask<k>``.
+
+    Mask 0 keeps the plain name, so readers that know only ``layer<l>`` see single-mask features.
+    """
+    return f"layer{layer}" if mask == 0 else f"layer{layer}_mask{mask}"
+
+
 class FeatureFileError(ValueError):
     """A feature file that cannot be used as asked. The message names the file and the fix."""
 
@@ -185,19 +193,94 @@ class FeatureFile:
             if len(shape) != 2:
                 raise FeatureFileError(f"{self.path}: layer{layer} has shape {shape}, expected (N, d)")
         self.num_rows = next(iter(counts.values()))
+        self._members: dict = {}
+        self._raw_fd: Optional[int] = None
         self.meta = json.loads(str(self._load("meta"))) if "meta" in self.headers else {}
 
     def _load(self, name: str) -> np.ndarray:
         with self._zip.open(f"{name}.npy") as f:
             return np.lib.format.read_array(f, allow_pickle=False)
 
+    # ---- streaming: rows read straight from the file, never a whole member in memory -------------
+    def _member(self, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
+        """(byte offset of the array data in the file, shape, dtype) of member ``name`` (stored, C order)."""
+        cached = self._members.get(name)
+        if cached is not None:
+            return cached
+        info = self._zip.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise FeatureFileError(f"{self.path}: {name} is compressed (np.savez_compressed); streaming reads need "
+                                   f"stored members: re-save with np.savez or write it with tools/extract_features.py")
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise FeatureFileError(f"{self.path}: bad zip local header for {name}; the file is damaged")
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
+            shape, fortran, dtype = _read_header(f)
+            data = f.tell()
+        if fortran and len(shape) > 1:
+            raise FeatureFileError(f"{self.path}: {name} is Fortran-ordered; re-save it in C order")
+        self._members[name] = (data, shape, dtype)
+        return self._members[name]
+
+    def read_rows(self, name: str, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of member ``name`` (e.g. ``"layer3"``), read with one ``pread``.
+
+        Bytes go from the file into the returned array (or ``out``) and nothing else is kept, so a
+        reader's memory is what it asks for, whatever the size of the file.
+        """
+        offset, shape, dtype = self._member(name)
+        start, stop = max(0, start), min(stop, shape[0])
+        row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        n = max(0, stop - start)
+        if out is None:
+            out = np.empty((n, *shape[1:]), dtype=dtype)
+        elif out.shape != (n, *shape[1:]) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"read_rows {name}: out is {out.shape} {out.dtype}, expected {(n, *shape[1:])} {dtype}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        pos, want = offset + start * row * dtype.itemsize, n * row * dtype.itemsize
+        done = 0
+        while done < want:
+            got = os.preadv(self._fd(), [view[done:]], pos + done)
+            if got <= 0:
+                raise FeatureFileError(f"{self.path}: {name} ends early (rows {start}..{stop}); the file is truncated")
+            done += got
+        return out
+
+    def _fd(self) -> int:
+        if self._raw_fd is None:
+            self._raw_fd = os.open(self.path, os.O_RDONLY)
+        return self._raw_fd
+
+    def masks(self, layer: int) -> int:
+        """How many BERT masks this file holds features of for ``layer``: 1 + the ``layer<l>_mask<k>`` members."""
+        k = 1
+        while feature_key(layer, k) in self.headers:
+            k += 1
+        return k
+
+    def width_of(self, name: str) -> int:
+        """Row width of member ``name`` (``layer3``, ``layer3_mask1``)."""
+        if name not in self.headers:
+            raise FeatureFileError(f"{self.path}: no member {name!r}; it holds {sorted(self.headers)}")
+        return self.headers[name][0][1]
+
+    def dtype_of(self, name: str) -> np.dtype:
+        return self.headers[name][1]
+
     def width(self, layer: int) -> int:
         return self.headers[f"layer{layer}"][0][1]
 
-    def layer(self, layer: int) -> np.ndarray:
+    def layer(self, layer: int, view: int = 0) -> np.ndarray:
+        """The whole (N, d) features of ``layer`` (``view`` k > 0: under BERT mask k, ``layer<l>_mask<k>``)."""
         if layer not in self.layers:
             raise FeatureFileError(f"{self.path}: no layer {layer}; it holds layers {self.layers}")
-        return self._load(f"layer{layer}")
+        if view and view >= self.masks(layer):
+            raise FeatureFileError(f"{self.path}: no BERT mask {view} of layer {layer} (it holds {self.masks(layer)})")
+        return self._load(feature_key(layer, view))
 
     @property
     def has_labels(self) -> bool:
@@ -214,6 +297,9 @@ class FeatureFile:
 
     def close(self) -> None:
         self._zip.close()
+        if self._raw_fd is not None:
+            os.close(self._raw_fd)
+            self._raw_fd = None
 
     def __enter__(self) -> "FeatureFile":
         return self

@@ -18,11 +18,14 @@ Definitions (the contract of ``tools/extract_features.py`` and its ``.npz`` file
   the model's dtype.
 - AR models see the SOS shift they were trained with (inside the model: position t holds pixels
   before t). BERT models: pass k of K draws a fresh i.i.d. mask (p = ``cfg.bert_mask_prob``,
-  masked content embeddings zeroed, as in training), and ``f^l = (1/K) sum_k mean_t norm(h^l_k)``:
-  features are averaged over the K masks (the paper's ensemble of 5; the mean pools over every
-  position, masked or not). Image i's masks depend only on (seed, i, k), so the features do not
-  depend on the batch size or on how the data is split across processes. K = 0 feeds the
-  unmasked image.
+  masked content embeddings zeroed, as in training). ``bert_eval="average"``:
+  ``f^l = (1/K) sum_k mean_t norm(h^l_k)``, the features averaged over the K masks (the mean pools
+  over every position, masked or not). ``bert_eval="vote"`` keeps the K per-mask features apart
+  (``layer<l>`` = mask 0, ``layer<l>_mask<k>`` = mask k) for the paper's modal vote (Sec. 4.6: "5
+  independent masks for each input ... the modal prediction"); ``layer<l>`` alone is the paper's
+  single-mask feature. Mask k of image i is drawn from its own generator seeded by (seed, i, k)
+  only, so it does not depend on K, the batch size or how the data is split across processes.
+  K = 0 feeds the unmasked image.
 
 Feature files (``layer<l>`` (N, d), ``labels``, ``index``, ``meta``; streaming, atomic, slices and
 merging) are defined in :mod:`igpt_ds.evaluate.feature_files`; the names are re-exported here.
@@ -30,6 +33,7 @@ merging) are defined in :mod:`igpt_ds.evaluate.feature_files`; the names are re-
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -51,6 +55,7 @@ from igpt_ds.evaluate.feature_files import (  # noqa: F401 (re-exported)
     FeatureFileError,
     FeatureWriter,
     PathLike,
+    feature_key,
     find_parts,
     merge_feature_files,
     parse_layers,
@@ -94,13 +99,34 @@ def pooled_features(model, tokens: torch.Tensor, layers: Sequence[int],
 
 
 def image_masks(indices: Sequence[int], passes: int, seq_len: int, prob: float, seed: int) -> torch.Tensor:
-    """Bool [passes, b, seq_len]: BERT masks of each image, a function of (seed, image index, pass) only."""
+    """Bool [passes, b, seq_len]: BERT masks; mask k of image i is a function of (seed, i, k) only.
+
+    One generator per (image, mask): mask k is the same whatever the number of passes (a single
+    (passes, s) draw would tie mask k to the rows before it through ``bert_mask``'s fix-up draws).
+    """
     masks = []
     for index in indices:
-        state = np.random.SeedSequence([seed, int(index)]).generate_state(2)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        masks.append(bert_mask((passes, seq_len), prob, gen))  # [passes, s]
+        rows = []
+        for k in range(passes):
+            state = np.random.SeedSequence([seed, int(index), k]).generate_state(2)
+            gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            rows.append(bert_mask((1, seq_len), prob, gen)[0])
+        masks.append(torch.stack(rows) if rows else torch.zeros(0, seq_len, dtype=torch.bool))
     return torch.stack(masks, dim=1)
+
+
+@torch.no_grad()
+def mask_features(model, tokens: torch.Tensor, layers: Sequence[int], indices: Sequence[int],
+                  bert_masks: int, seed: int = 0) -> list[dict[int, torch.Tensor]]:
+    """``[{l: f^l}]``: float32 [b, d] features of a BERT model under each of ``bert_masks`` masks.
+
+    ``indices`` are the images' positions in the whole data set (they seed the masks).
+    """
+    if model.cfg.objective != "bert" or bert_masks < 1:
+        raise ValueError(f"mask_features needs a BERT model and bert_masks >= 1 (got objective "
+                         f"{model.cfg.objective!r}, bert_masks={bert_masks})")
+    masks = image_masks(indices, bert_masks, tokens.shape[1], model.cfg.bert_mask_prob, seed).to(tokens.device)
+    return [pooled_features(model, tokens, layers, masks[k]) for k in range(bert_masks)]
 
 
 @torch.no_grad()
@@ -110,14 +136,13 @@ def batch_features(model, tokens: torch.Tensor, layers: Sequence[int], indices: 
 
     ``indices`` are the images' positions in the whole data set (they seed the BERT masks).
     """
-    cfg = model.cfg
-    if cfg.objective != "bert" or bert_masks == 0:
+    if model.cfg.objective != "bert" or bert_masks == 0:
         return pooled_features(model, tokens, layers)
-    masks = image_masks(indices, bert_masks, tokens.shape[1], cfg.bert_mask_prob, seed).to(tokens.device)
-    total: dict[int, torch.Tensor] = {}
-    for k in range(bert_masks):
-        for layer, f in pooled_features(model, tokens, layers, masks[k]).items():
-            total[layer] = f if k == 0 else total[layer] + f
+    per_mask = mask_features(model, tokens, layers, indices, bert_masks, seed)
+    total = dict(per_mask[0])
+    for feats in per_mask[1:]:
+        for layer, f in feats.items():
+            total[layer] = total[layer] + f
     return {layer: f / bert_masks for layer, f in total.items()}
 
 
@@ -205,16 +230,25 @@ class _ResizedImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), int(label), index
 
 
+def image_loader(source, resolution: int, start: int, end: int, batch_size: int,
+                 num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Batches ``(images uint8 [b, r, r, 3], labels, index)`` of images ``start..end``, in order.
+
+    Decoding (an image folder's JPEGs) and the centre-crop resize run in ``num_workers`` DataLoader
+    worker processes (0: in this process).
+    """
+    return torch.utils.data.DataLoader(_ResizedImages(source, start, end, resolution), batch_size=batch_size,
+                                       shuffle=False, num_workers=num_workers, worker_init_fn=signals.worker_init)
+
+
 def source_batches(source, palette: np.ndarray, resolution: int, start: int, end: int, batch_size: int,
                    num_workers: int = 0, device: Union[str, torch.device] = "cpu") -> Iterator[dict]:
     """Batches ``{"tokens" [b, r*r] on device, "labels", "index"}`` of images ``start..end`` of an image source.
 
-    Resizing happens in ``num_workers`` DataLoader workers, quantization (``palette.quantize``,
-    the one quantizer of the project) on ``device``.
+    Decoding and resizing happen in ``num_workers`` DataLoader workers (:func:`image_loader`),
+    quantization (``palette.quantize``, the one quantizer of the project) on ``device``.
     """
-    loader = torch.utils.data.DataLoader(_ResizedImages(source, start, end, resolution), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, worker_init_fn=signals.worker_init)
-    for images, labels, index in loader:
+    for images, labels, index in image_loader(source, resolution, start, end, batch_size, num_workers):
         tokens = quantize(images.to(device), palette, device=device)
         yield {"tokens": tokens, "labels": labels.numpy(), "index": index.numpy()}
 
@@ -251,6 +285,57 @@ def _stack(batch: list, device) -> dict:
 # Extraction
 # ---------------------------------------------------------------------------------------------
 
+IMAGENET_SIZED = 100_000
+"""Images in a source (the whole split, all slices) from which ``auto`` picks ImageNet-sized defaults."""
+FLOAT16_ABOVE_BYTES = 16 * 2**30
+"""``--dtype-out auto``: float16 also when the float32 features of the whole extraction would exceed this."""
+
+
+def resolve_layers(spec: str, n_layer: int, total: int) -> tuple[list[int], str]:
+    """``(layers, why)`` for a ``--layers`` spec; ``auto``: every layer, or the middle half for ImageNet-sized data.
+
+    The middle half is layers ``L//4 .. L - L//4`` (iGPT-L: 12..36 of 0..48): the paper finds the
+    best linear-probe layer in the middle of the stack (Sec. 4.1, Fig. 3), and a contiguous range
+    keeps the neighbours that ``--concat`` adds. Depends on the whole source's size, not on a
+    slice's, so every slice of one extraction picks the same layers.
+    """
+    if str(spec).strip().lower() != "auto":
+        return parse_layers(spec, n_layer), f"--layers {spec}"
+    if total < IMAGENET_SIZED:
+        return list(range(n_layer + 1)), f"auto: every layer, the source holding {total:,} < {IMAGENET_SIZED:,} images"
+    lo, hi = n_layer // 4, n_layer - n_layer // 4
+    return list(range(lo, hi + 1)), (f"auto: the middle half of 0..{n_layer}, the source holding "
+                                     f"{total:,} >= {IMAGENET_SIZED:,} images")
+
+
+def resolve_dtype_out(spec: str, total: int, row_values: int) -> tuple[str, str]:
+    """``(dtype, why)`` for ``--dtype-out``; ``auto``: float16 for ImageNet-sized or very large outputs, else float32.
+
+    ``row_values``: feature values per image (sum of the widths of every stored array). Decided
+    on the whole extraction (``total`` rows), so every slice stores the same dtype.
+    """
+    if spec != "auto":
+        if spec not in OUT_DTYPES:
+            raise ValueError(f"--dtype-out {spec!r}: choose auto, {', '.join(sorted(OUT_DTYPES))}")
+        return spec, f"--dtype-out {spec}"
+    fp32 = total * row_values * 4
+    if total >= IMAGENET_SIZED:
+        return "float16", f"auto: the source holds {total:,} >= {IMAGENET_SIZED:,} images"
+    if fp32 > FLOAT16_ABOVE_BYTES:
+        return "float16", (f"auto: float32 features of all {total:,} images would take "
+                           f"{human_bytes(fp32)} > {human_bytes(FLOAT16_ABOVE_BYTES)}")
+    return "float32", (f"auto: {total:,} < {IMAGENET_SIZED:,} images and {human_bytes(fp32)} "
+                       f"<= {human_bytes(FLOAT16_ABOVE_BYTES)} in float32")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class Extraction:
     """What :func:`extract` writes into one feature file, and how to compute each batch's rows."""
@@ -262,24 +347,73 @@ class Extraction:
     start: int
     end: int
     meta: dict
+    masks: int = 1
+    """Feature arrays per layer: 1, or K for a BERT vote file (``layer<l>`` and ``layer<l>_mask<k>``, k < K)."""
+
+    def arrays(self) -> dict[str, int]:
+        """``{array name: width}`` of the feature arrays, in the order they are stored."""
+        return {feature_key(l, k): self.widths[l] for l in self.layers for k in range(self.masks)}
+
+    def projected_bytes(self, dtype_out: str) -> tuple[int, int]:
+        """``(file bytes, largest array bytes)`` of this slice's output in ``dtype_out``.
+
+        Features (rows x width x itemsize per array), ``labels`` and ``index`` (int64) and each
+        member's ``.npy`` header (at most 4 KiB with the zip entry; the arrays dominate).
+        """
+        rows, size = self.end - self.start, np.dtype(OUT_DTYPES[dtype_out]).itemsize
+        arrays = [rows * w * size for w in self.arrays().values()] + [rows * 8, rows * 8]
+        return sum(arrays) + 4096 * (len(arrays) + 1), max(arrays)
+
+
+def free_bytes(path: PathLike) -> int:
+    """Free bytes on the file system of ``path`` (its nearest existing parent directory)."""
+    p = Path(path).absolute().parent
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(out: PathLike, file_bytes: int, largest_bytes: int, free: int, dtype_out: str,
+                     masks: int = 1) -> int:
+    """Refuse (ValueError) an output that does not fit in ``free`` bytes; returns the bytes needed.
+
+    The writer fills memory-mapped ``.npy`` files beside ``out`` and packs them into the ``.npz``
+    one array at a time, deleting each once packed, so the peak is the file plus its largest array.
+    """
+    need = file_bytes + largest_bytes
+    if need <= free:
+        return need
+    fixes = []
+    if dtype_out != "float16":
+        fixes.append("--dtype-out float16 (half the size)")
+    fixes.append("fewer --layers (e.g. --layers middle, or a range a-b)")
+    if masks > 1:
+        fixes.append(f"--bert-eval average (one array per layer instead of {masks})")
+    fixes.append("--out on a disk with more free space")
+    where = Path(out).absolute().parent
+    raise ValueError(f"{out}: the features need {human_bytes(need)} of disk ({human_bytes(file_bytes)} for the file "
+                     f"plus {human_bytes(largest_bytes)} while its largest array is packed), but {where} has "
+                     f"{human_bytes(free)} free. Use " + ", or ".join(fixes))
 
 
 def extract(batches: Iterable[dict], compute, ex: Extraction, out: PathLike, dtype_out: str = "float32",
             progress: bool = True, num_batches: Optional[int] = None) -> Path:
     """Write the features of ``batches`` (rows ``ex.start..ex.end``) to ``out``, streaming and atomically.
 
-    ``compute(batch) -> {layer: float32 tensor [b, d]}``. Rows land at ``batch["index"] - ex.start``.
+    ``compute(batch) -> {array name: float32 tensor [b, d]}`` for every name of ``ex.arrays()``.
+    Rows land at ``batch["index"] - ex.start``.
     """
     if dtype_out not in OUT_DTYPES:
         raise ValueError(f"dtype_out={dtype_out!r}: choose one of {sorted(OUT_DTYPES)}")
     n, np_dtype = ex.end - ex.start, OUT_DTYPES[dtype_out]
-    arrays = {f"layer{l}": ((n, ex.widths[l]), np_dtype) for l in ex.layers}
+    names = ex.arrays()
+    arrays = {name: ((n, width), np_dtype) for name, width in names.items()}
     arrays.update(labels=((n,), np.int64), index=((n,), np.int64))
     with FeatureWriter(out, arrays) as writer:
         for batch in tqdm(batches, total=num_batches, disable=not progress, desc="features", unit="batch"):
             feats = compute(batch)
             row = int(batch["index"][0]) - ex.start
-            values = {f"layer{l}": feats[l].cpu().numpy().astype(np_dtype) for l in ex.layers}
+            values = {name: feats[name].cpu().numpy().astype(np_dtype) for name in names}
             values.update(labels=np.asarray(batch["labels"], np.int64), index=np.asarray(batch["index"], np.int64))
             writer.write(row, values)
         meta = dict(ex.meta, format=FORMAT, version=VERSION, layers=ex.layers, total=ex.total,

@@ -38,15 +38,20 @@ HOLDOUT = 0.1
 MAX_ITER = 1000
 
 
+def common_layers(train: FeatureFile, test: FeatureFile) -> list[int]:
+    """The layers both files hold (extract_features' ``--layers auto`` may store fewer for a large train split)."""
+    both = sorted(set(train.layers) & set(test.layers))
+    if not both:
+        raise FeatureFileError(f"{train.path} and {test.path} hold different layers (train: {train.layers}, "
+                               f"test: {test.layers}), none in common; extract both with the same --layers")
+    return both
+
+
 def load_pair(train_path: str, test_path: str) -> tuple[FeatureFile, FeatureFile]:
-    """Open two feature files and check they hold the same layers with the same widths, and labels."""
+    """Open two feature files and check the layers they share have the same widths, and labels."""
     train, test = FeatureFile(train_path), FeatureFile(test_path)
-    if train.layers != test.layers:
-        only_train = sorted(set(train.layers) - set(test.layers))
-        only_test = sorted(set(test.layers) - set(train.layers))
-        raise FeatureFileError(f"{train_path} and {test_path} hold different layers (only in train: {only_train}, "
-                               f"only in test: {only_test}); extract both with the same --layers")
-    widths = {l: (train.width(l), test.width(l)) for l in train.layers if train.width(l) != test.width(l)}
+    shared = common_layers(train, test)
+    widths = {l: (train.width(l), test.width(l)) for l in shared if train.width(l) != test.width(l)}
     if widths:
         raise FeatureFileError(f"{train_path} and {test_path} disagree on feature widths (layer: (train, test)) "
                                f"{widths}: they come from different models")
@@ -59,6 +64,49 @@ def load_pair(train_path: str, test_path: str) -> tuple[FeatureFile, FeatureFile
     if model_a and model_b and model_a != model_b:
         raise FeatureFileError(f"{train_path} and {test_path} were extracted from different model configs")
     return train, test
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Bool [N]: a seeded, class-stratified ``fraction`` of the rows (the probe's held-out part).
+
+    Every class keeps round(fraction * its count) rows held out (at least one of a class with two
+    or more rows), so the held-out part has the training set's class balance.
+    """
+    rng = np.random.default_rng([seed, 0x401D])
+    held = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        k = int(round(fraction * len(rows)))
+        k = min(max(k, 1 if len(rows) >= 2 else 0), len(rows) - 1)
+        held[rng.choice(rows, k, replace=False)] = True
+    if not held.any() or held.all():
+        raise ValueError(f"--holdout {fraction}: leaves an empty held-out or fit part of {len(labels)} rows")
+    return held
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (a counter-based hash: the same value for the same input, anywhere)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def modal_vote(predictions: np.ndarray, num_classes: int, seed: int, rows: np.ndarray) -> np.ndarray:
+    """The modal class of K predictions per row, ties broken at random (the paper's BERT evaluation, Sec. 4.6).
+
+    ``predictions`` [K, n] class indices; ``rows`` [n] the rows' indices in the data set. A tie is
+    broken by a hash of (seed, row, class), so the vote of a row is the same whatever the batch or
+    process that scores it, and each tied class is equally likely over seeds.
+    """
+    predictions = np.asarray(predictions)
+    k, n = predictions.shape
+    counts = np.zeros((n, num_classes), np.int32)
+    np.add.at(counts, (np.repeat(np.arange(n), k), predictions.T.reshape(-1)), 1)
+    top = counts == counts.max(1, keepdims=True)
+    key = (np.asarray(rows, np.uint64)[:, None] * np.uint64(num_classes) + np.arange(num_classes, dtype=np.uint64))
+    noise = _mix64(_mix64(key ^ np.uint64(seed & (2**64 - 1))))
+    return np.where(top, noise, 0).argmax(1)
 
 
 def check_layers(requested: Sequence[int], available: Sequence[int], path: str) -> None:
@@ -105,22 +153,32 @@ def _choose_c(splits, c_grid: Sequence[float], max_iter: int) -> tuple[float, fl
 
 def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
           c_grid: Sequence[float] = C_GRID, holdout: float = HOLDOUT, seed: int = 0,
-          max_iter: int = MAX_ITER) -> dict:
-    """Choose C on a stratified ``holdout`` of train, refit on all of train, score test (see module docstring)."""
+          max_iter: int = MAX_ITER, test_views: Sequence[np.ndarray] = ()) -> dict:
+    """Choose C on a stratified ``holdout`` of train, refit on all of train, score test (see module docstring).
+
+    ``test_views``: the test features under further BERT masks (``x_test`` is mask 0): the test
+    accuracy is then the modal vote over all masks (ties at random, ``seed``), and
+    ``test_accuracy_single_mask`` the accuracy on ``x_test`` alone.
+    """
     counts = np.bincount(y_train)
     stratify = y_train if counts[counts > 0].min() >= 2 else None
     fit_idx, val_idx = train_test_split(np.arange(len(y_train)), test_size=holdout, random_state=seed,
                                         stratify=stratify)
     C, val_acc = _choose_c([(x_train[fit_idx], y_train[fit_idx], x_train[val_idx], y_train[val_idx])],
                            c_grid, max_iter)
-    return _final(x_train, y_train, x_test, y_test, C, max_iter) | {"val_accuracy": val_acc}
+    return _final(x_train, y_train, x_test, y_test, C, max_iter, test_views, seed) | {"val_accuracy": val_acc}
 
 
-def _final(x_train, y_train, x_test, y_test, C, max_iter) -> dict:
-    xtr, xte = standardize(x_train, x_test)
+def _final(x_train, y_train, x_test, y_test, C, max_iter, test_views=(), seed=0) -> dict:
+    xtr, xte, *views = standardize(x_train, x_test, *test_views)
     clf = _fit(xtr, y_train, C, max_iter)
-    return {"C": C, "test_accuracy": _accuracy(clf, xte, y_test), "train_accuracy": _accuracy(clf, xtr, y_train),
-            "converged": bool(np.all(clf.n_iter_ < max_iter))}
+    out = {"C": C, "test_accuracy": _accuracy(clf, xte, y_test), "train_accuracy": _accuracy(clf, xtr, y_train),
+           "converged": bool(np.all(clf.n_iter_ < max_iter))}
+    if views:
+        preds = np.stack([clf.predict_proba(x).argmax(1) for x in (xte, *views)])  # [K, n] class positions
+        voted = clf.classes_[modal_vote(preds, len(clf.classes_), seed, np.arange(len(y_test)))]
+        out.update(test_accuracy=float((voted == y_test).mean()), test_accuracy_single_mask=out["test_accuracy"])
+    return out
 
 
 def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -86,3 +86,90 @@ def gpu_consumption(preset: str = "igpt-l", mfu: float = 0.5, peak_flops: float 
     return {"preset": preset, "seq_len": cfg.seq_len, "flops_per_token": cfg.train_flops_per_token(),
             "flops_per_sample": per_sample, "mfu": mfu, "peak_flops": peak_flops,
             "samples_per_s": peak_flops * mfu / per_sample}
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/benchmark.py decode: the image-folder path of tools/extract_features.py
+# ---------------------------------------------------------------------------------------------
+
+def write_jpeg_folder(source: ImageSource, out_dir: str, count: int = 0, side: int = 256,
+                      quality: int = 90) -> int:
+    """An ImageNet-layout folder (one sub-folder per class) of ``source``'s first ``count`` images (0: all).
+
+    Each image is upscaled (bicubic) to ``side`` x ``side`` and saved as a baseline JPEG of
+    ``quality``: ImageNet-like decode work from real photographs. Returns the number written.
+    """
+    from PIL import Image
+
+    n = len(source) if count <= 0 else min(count, len(source))
+    for i in range(n):
+        image, label = source[i]
+        folder = os.path.join(out_dir, f"class{max(label, 0):04d}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC).save(
+            os.path.join(folder, f"{i:06d}.jpg"), quality=quality)
+    return n
+
+
+def decode_throughput(folder: str, palette: np.ndarray, resolution: int, num_workers: int, *,
+                      batch_size: int = 64, quantize_too: bool = True, device: str = "cpu") -> dict:
+    """Images/s of one pass over an image folder through the feature extractor's data path.
+
+    ``quantize_too``: :func:`igpt_ds.evaluate.features.source_batches` (decode, centre-crop resize
+    in ``num_workers`` workers, then ``quantize`` on ``device`` in this process); otherwise the
+    workers' decode + resize alone (:func:`~igpt_ds.evaluate.features.image_loader`), which is the
+    CPU's share when quantization runs on the GPU. ``images_per_s`` is the steady rate, timed from
+    the first batch's arrival (worker start-up is a one-off in an hours-long extraction);
+    ``startup_s`` is the time to that first batch. ``cpu_ms_per_image``: CPU time of this process
+    and its (joined) workers over the whole pass, per image: what one core must spend, unaffected
+    by other jobs competing for the cores.
+    """
+    import resource
+
+    from igpt_ds.evaluate.features import image_loader, source_batches
+
+    def cpu_seconds() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    source = open_source(folder, "train")
+    n = len(source)
+    if n <= batch_size:
+        raise ValueError(f"{folder}: {n} images are one batch of {batch_size}; use more images for a steady rate")
+    cpu0, begin = cpu_seconds(), time.perf_counter()
+    if quantize_too:
+        sizes = (len(b["index"]) for b in source_batches(source, palette, resolution, 0, n, batch_size,
+                                                         num_workers, device))
+    else:
+        sizes = (len(index) for _, _, index in image_loader(source, resolution, 0, n, batch_size, num_workers))
+    first = next(sizes)
+    start = time.perf_counter()
+    seen = first + sum(sizes)
+    end = time.perf_counter()
+    del sizes  # the exhausted loader has joined its workers, so their CPU time is counted
+    cpu = cpu_seconds() - cpu0
+    if seen != n:
+        raise AssertionError(f"{folder}: the loader gave {seen} of {n} images")
+    return {"images": n, "startup_s": start - begin, "images_per_s": (n - first) / (end - start),
+            "cpu_ms_per_image": 1000 * cpu / n, "num_workers": num_workers, "resolution": resolution,
+            "quantize": quantize_too}
+
+
+def extraction_consumption(preset: str, precision: str, mfu: float = 0.5, passes: int = 1,
+                           gpu: str = "H100") -> dict:
+    """Images/s one GPU extracts features of ``preset`` at: peak * MFU / forward FLOPs per image.
+
+    Forward FLOPs = a third of :meth:`ModelConfig.train_flops_per_token` (2N + 4·L·d·T per token,
+    every block and the head: an upper bound, the extractor stops at the deepest requested layer)
+    times the sequence length, times ``passes`` (BERT: one forward per mask). Peak from
+    :data:`igpt_ds.train.metrics.PEAK_TFLOPS` (fp32 is plain FP32: PyTorch does not use TF32 by default).
+    """
+    from igpt_ds.train.metrics import peak_flops
+
+    cfg = get_preset(preset)
+    peak = peak_flops(precision, name=gpu)
+    if peak is None:
+        raise ValueError(f"no peak FLOP/s known for {gpu} at {precision} (igpt_ds.train.metrics.PEAK_TFLOPS)")
+    per_image = cfg.train_flops_per_token() / 3 * cfg.seq_len * passes
+    return {"preset": preset, "resolution": cfg.resolution, "precision": precision, "mfu": mfu, "passes": passes,
+            "gpu": gpu, "peak_flops": peak, "flops_per_image": per_image, "images_per_s": peak * mfu / per_image}

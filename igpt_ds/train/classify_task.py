@@ -300,7 +300,7 @@ class ClassifyTask:
                         outs.append(outputs[1])
                 if not (loop.is_last_stage and loop.state.tp_rank == 0):
                     continue  # one contribution per DP replica, from its last stage
-                preds = modal_prediction(outs) if bert else outs[0].argmax(-1)
+                preds = modal_prediction(outs, self.args.seed, b) if bert else outs[0].argmax(-1)
             stats += torch.tensor([float(((preds == labels) & valid).sum()), float(valid.sum())], dtype=torch.float64)
         if loop.pipelined:
             dist.all_reduce(stats)
