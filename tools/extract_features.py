@@ -188,15 +188,6 @@ def _until_signalled(batches):
         yield batch
 
 
-def _newest_mtime(path: str) -> float:
-    """Newest modification time of a path and, for a directory, of its direct entries."""
-    times = [os.stat(path).st_mtime]
-    if os.path.isdir(path):
-        with os.scandir(path) as entries:
-            times += [e.stat().st_mtime for e in entries]
-    return max(times)
-
-
 def reusable(out: str, meta: dict, inputs: list) -> tuple[bool, str]:
     """(keep?, why not) for an existing output ``out`` that this extraction would write with ``meta``.
 
@@ -206,7 +197,7 @@ def reusable(out: str, meta: dict, inputs: list) -> tuple[bool, str]:
     """
     import json
 
-    from igpt_ds.evaluate.features import FeatureFile, FeatureFileError
+    from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError, newest_mtime
 
     if not os.path.exists(out):
         return False, ""
@@ -223,7 +214,7 @@ def reusable(out: str, meta: dict, inputs: list) -> tuple[bool, str]:
         return False, f"{out} exists but holds {rows} rows, not {want['num_rows']}"
     written = os.stat(out).st_mtime
     for path in inputs:
-        if path and os.path.exists(path) and _newest_mtime(path) > written:
+        if path and os.path.exists(path) and newest_mtime(path) > written:
             return False, f"{out} exists but {path} changed after it was written"
     return True, ""
 

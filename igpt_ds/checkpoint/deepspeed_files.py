@@ -35,13 +35,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 
 from igpt_ds.checkpoint.lazy_torch import CheckpointFileError, LazyTensor, TorchFile
-from igpt_ds.checkpoint.run import LATEST_FILE, META_FILE, read_rank_state
+from igpt_ds.checkpoint.run import META_FILE, read_rank_state
+from igpt_ds.checkpoint.run import locate_checkpoint as locate  # re-exported: (root, tag, meta), strict
 from igpt_ds.config import ModelConfig
 from igpt_ds.model.pipeline import model_param_name, model_to_pipe_name
 from igpt_ds.model.transformer import tp_split
@@ -50,32 +50,6 @@ PathLike = Union[str, os.PathLike]
 KINDS = ("master", "module", "exp_avg", "exp_avg_sq")
 ADAM_KINDS = ("exp_avg", "exp_avg_sq")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def locate(path: PathLike) -> tuple[Path, str, dict]:
-    """(root, tag, meta) of a run directory (its ``latest``) or a ``global_stepN`` directory, with errors
-    that name what is missing."""
-    import json
-
-    path = Path(path)
-    if (path / LATEST_FILE).is_file():
-        root, tag = path, (path / LATEST_FILE).read_text().strip()
-        if not (root / tag).is_dir():
-            raise CheckpointFileError(f"{path / LATEST_FILE} names {tag!r}, but {root / tag} does not exist; "
-                                      f"point at an existing global_stepN directory of {root} or fix 'latest'")
-    elif (path / META_FILE).is_file():
-        root, tag = path.parent, path.name
-    else:
-        raise CheckpointFileError(f"{path}: not an iGPT-DS DeepSpeed checkpoint (expected {LATEST_FILE} or "
-                                  f"{META_FILE}, written by igpt_ds/pretrain.py --save DIR)")
-    meta_file = root / tag / META_FILE
-    try:
-        meta = json.loads(meta_file.read_text())
-    except FileNotFoundError:
-        raise CheckpointFileError(f"{meta_file}: missing; {root / tag} is not a complete iGPT-DS checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointFileError(f"{meta_file}: not valid JSON ({e})") from None
-    return root, tag, meta
 
 
 class _Flat:
@@ -188,6 +162,12 @@ class DeepSpeedCheckpoint:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+    def __enter__(self) -> "DeepSpeedCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- layout ------------------------------------------------------------------------------
     def _model_name(self, pipe_or_model_name: str) -> str:

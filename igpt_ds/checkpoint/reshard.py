@@ -28,7 +28,7 @@ import torch
 
 from igpt_ds.checkpoint.atomic import atomic_directory
 from igpt_ds.checkpoint.consolidated import save_consolidated_stream
-from igpt_ds.checkpoint.deepspeed_files import DeepSpeedCheckpoint, locate
+from igpt_ds.checkpoint.deepspeed_files import DeepSpeedCheckpoint
 from igpt_ds.checkpoint.engine_state import create_adam_state, inner_optimizer, set_full
 from igpt_ds.checkpoint.run import META_FILE, checkpoint_meta, find_checkpoint, write_checkpoint
 from igpt_ds.config import ModelConfig
@@ -139,23 +139,21 @@ def carried_loader_state(loader: Optional[dict], target_dp: int, target_micro: i
     return dict(loader)
 
 
-def _copy_in(source, module, state, name_of, kind="master"):
-    """Every parameter of this rank's module from ``source`` (its TP shard), one at a time."""
-    from igpt_ds.parallel.weights import gathered, is_tp_sharded, shard
+def _copy_in(source, module, state, name_of):
+    """Every parameter of this rank's module from ``source``'s masters (its TP shard), one at a time."""
+    from igpt_ds.parallel.weights import gathered
 
-    tp = state.layout.tensor_parallel
     for pname, p in module.named_parameters():
         with gathered([(pname, p)], modifier_rank=0), torch.no_grad():
-            full = source.tensor(name_of(pname), kind)
-            if is_tp_sharded(p):
-                full = shard(full, p.partition_dim, p.partition_stride, state.tp_rank, tp)
-            if full.shape != p.shape:
-                raise ValueError(f"{name_of(pname)}: the source holds {tuple(full.shape)}, the target needs "
+            local = _local(source, p, name_of(pname), "master", state)
+            if local.shape != p.shape:
+                raise ValueError(f"{name_of(pname)}: the source holds {tuple(local.shape)}, the target needs "
                                  f"{tuple(p.shape)}")
-            p.copy_(full.to(p.dtype))
+            p.copy_(local.to(p.dtype))
 
 
 def _local(source, p, key, kind, state):
+    """This rank's TP shard of ``source``'s ``key`` (``kind``: master, exp_avg, exp_avg_sq)."""
     from igpt_ds.parallel.weights import is_tp_sharded, shard
 
     full = source.tensor(key, kind)
@@ -258,8 +256,8 @@ def reshard_deepspeed(src: PathLike, dst: PathLike, *, tensor_parallel: int = 1,
                       data_parallel: int = 1, ds_config: Optional[str] = None, source: str = "") -> tuple[Path, dict]:
     """A DeepSpeed checkpoint rewritten for another DP x TP x PP layout / ZeRO stage, with Adam's state;
     returns (path, {"optimizer": "carried", "data_position": "carried" | "reset", "largest_rank_peak_rss_mb"})."""
-    root, tag, src_meta = locate(src)
-    DeepSpeedCheckpoint(src).close()  # every file of the source is there before any rank starts
+    with DeepSpeedCheckpoint(src) as checked:  # every file of the source is there before any rank starts
+        root, tag, src_meta = checked.root, checked.tag, checked.meta
     config = ModelConfig.from_dict(src_meta["model"], source=str(root / tag / META_FILE))
     palette = checkpoint_palette(root, src_meta, root / tag / META_FILE)
     extra = {k: v for k, v in src_meta.items() if k not in LAYOUT_KEYS}

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from igpt_ds.checkpoint.atomic import atomic_file, atomic_write
+from igpt_ds.checkpoint.lazy_torch import CheckpointFileError
 from igpt_ds.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
@@ -44,19 +45,38 @@ def read_latest(directory: PathLike) -> Optional[str]:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def find_checkpoint(path: PathLike) -> Optional[tuple[Path, str, dict]]:
-    """(root, tag, meta) if ``path`` is a run directory with ``latest`` or a ``global_stepN`` tag directory."""
+def locate_checkpoint(path: PathLike) -> tuple[Path, str, dict]:
+    """(root, tag, meta) of a run directory (its ``latest``) or a ``global_stepN`` directory.
+
+    The one reader of where a checkpoint is; its errors (CheckpointFileError) name what is missing.
+    """
     path = Path(path)
     tag = read_latest(path)
     if tag is not None:
         root = path
+        if not (root / tag).is_dir():
+            raise CheckpointFileError(f"{path / LATEST_FILE} names {tag!r}, but {root / tag} does not exist; "
+                                      f"point at an existing global_stepN directory of {root} or fix 'latest'")
     elif (path / META_FILE).is_file():
         root, tag = path.parent, path.name
     else:
-        return None
+        raise CheckpointFileError(f"{path}: not an iGPT-DS DeepSpeed checkpoint (expected {LATEST_FILE} or "
+                                  f"{META_FILE}, written by igpt_ds/pretrain.py --save DIR)")
+    meta_file = root / tag / META_FILE
     try:
-        return root, tag, json.loads((root / tag / META_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{meta_file}: missing; {root / tag} is not a complete iGPT-DS checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointFileError(f"{meta_file}: not valid JSON ({e})") from None
+    return root, tag, meta
+
+
+def find_checkpoint(path: PathLike) -> Optional[tuple[Path, str, dict]]:
+    """(root, tag, meta) of a run directory with ``latest`` or a ``global_stepN`` tag directory, else None."""
+    try:
+        return locate_checkpoint(path)
+    except CheckpointFileError:
         return None
 
 

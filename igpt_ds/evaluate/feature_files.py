@@ -308,6 +308,19 @@ class FeatureFile:
         self.close()
 
 
+def newest_mtime(path: PathLike) -> float:
+    """Newest modification time of ``path`` and, for a directory, of its direct entries.
+
+    What restarts compare an output with: a checkpoint or data set replaced after the output was
+    written makes it stale (feature extraction, checkpoint sweeps).
+    """
+    times = [os.stat(path).st_mtime]
+    if os.path.isdir(path):
+        with os.scandir(path) as entries:
+            times += [e.stat().st_mtime for e in entries]
+    return max(times)
+
+
 def part_path(out: PathLike, shard_index: int, num_shards: int) -> Path:
     """Where slice ``shard_index`` of ``num_shards`` writes: ``OUT.part00001-of-00004.npz`` beside ``OUT``."""
     out = Path(out)

@@ -412,13 +412,33 @@ def _all_diverged(name: str, table: dict) -> FeatureFileError:
 
 
 def sgd_probe(train: FeatureFile, test: FeatureFile, layers: Sequence[int], settings: SGDSettings) -> dict:
-    """The per-layer result of the SGD protocol (module docstring): the JSON core of ``linear_probe.py``."""
+    """The per-layer result of the SGD protocol (module docstring): the JSON core of ``linear_probe.py``.
+
+    Under torchrun it joins the launcher's process group for the run and leaves it afterwards: a
+    gloo group still alive at interpreter exit can abort the process ("terminate called without an
+    active exception").
+    """
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    device, rank, world = _setup(settings.device)
+    try:
+        result = _sgd_probe(train, test, layers, settings, device, rank, world)
+    except BaseException:
+        if created:
+            dist.destroy_process_group()
+        raise
+    if created:
+        dist.barrier()  # every rank done with its collectives before the group goes
+        dist.destroy_process_group()
+    return result
+
+
+def _sgd_probe(train: FeatureFile, test: FeatureFile, layers: Sequence[int], settings: SGDSettings,
+               device: torch.device, rank: int, world: int) -> dict:
     from igpt_ds.train.metrics import peak_rss_bytes
 
     log = settings.log
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device, rank, world = _setup(settings.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     say = log if rank == 0 else (lambda *a, **k: None)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from igpt_ds.checkpoint.run import META_FILE, TAG_PREFIX, read_latest
+from igpt_ds.evaluate.feature_files import newest_mtime
 from igpt_ds.train.metrics import read_metrics
 
 PathLike = Union[str, os.PathLike]
@@ -167,15 +168,6 @@ def val_loss_at(records: Optional[list[dict]], step: int, run_dir: PathLike) -> 
 # ---------------------------------------------------------------------------------------------
 # Restarts and points
 # ---------------------------------------------------------------------------------------------
-
-def newest_mtime(path: PathLike) -> float:
-    """Newest modification time of ``path`` and, for a directory, of its direct entries."""
-    times = [os.stat(path).st_mtime]
-    if os.path.isdir(path):
-        with os.scandir(path) as entries:
-            times += [e.stat().st_mtime for e in entries]
-    return max(times)
-
 
 def load_probe(path: PathLike) -> dict:
     """A ``tools/linear_probe.py`` result JSON; ValueError naming the file when it is not one."""
