@@ -197,7 +197,7 @@ def reusable(out: str, meta: dict, inputs: list) -> tuple[bool, str]:
     """
     import json
 
-    from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError, newest_mtime
+    from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError, restart_blocker
 
     if not os.path.exists(out):
         return False, ""
@@ -207,15 +207,13 @@ def reusable(out: str, meta: dict, inputs: list) -> tuple[bool, str]:
     except (FeatureFileError, OSError, ValueError, KeyError) as e:
         return False, f"{out} exists but is not a valid feature file ({e})"
     want = json.loads(json.dumps(meta, sort_keys=True))
-    if have != want:
-        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    differ, changed = restart_blocker(have, want, os.stat(out).st_mtime, inputs)
+    if differ:
         return False, f"{out} exists but was made with other settings (differs in: {', '.join(differ)})"
     if rows != want["num_rows"]:
         return False, f"{out} exists but holds {rows} rows, not {want['num_rows']}"
-    written = os.stat(out).st_mtime
-    for path in inputs:
-        if path and os.path.exists(path) and newest_mtime(path) > written:
-            return False, f"{out} exists but {path} changed after it was written"
+    if changed:
+        return False, f"{out} exists but {changed} changed after it was written"
     return True, ""
 
 

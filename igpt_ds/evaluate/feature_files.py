@@ -321,6 +321,17 @@ def newest_mtime(path: PathLike) -> float:
     return max(times)
 
 
+def restart_blocker(have: dict, want: dict, written: float, inputs) -> tuple[Optional[list], Optional[str]]:
+    """Why an existing output cannot be kept: (the settings keys that differ, or None; an input newer
+    than ``written``, or None). The one rule of extraction's and the checkpoint sweep's restarts."""
+    if have != want:
+        return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k)), None
+    for path in inputs:
+        if path and os.path.exists(path) and newest_mtime(path) > written:
+            return None, str(path)
+    return None, None
+
+
 def part_path(out: PathLike, shard_index: int, num_shards: int) -> Path:
     """Where slice ``shard_index`` of ``num_shards`` writes: ``OUT.part00001-of-00004.npz`` beside ``OUT``."""
     out = Path(out)

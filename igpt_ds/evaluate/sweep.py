@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from igpt_ds.checkpoint.run import META_FILE, TAG_PREFIX, read_latest
-from igpt_ds.evaluate.feature_files import newest_mtime
+from igpt_ds.evaluate.feature_files import restart_blocker
 from igpt_ds.train.metrics import read_metrics
 
 PathLike = Union[str, os.PathLike]
@@ -197,13 +197,11 @@ def finished(work: PathLike, settings: dict, inputs: Sequence[Optional[PathLike]
     except (OSError, ValueError) as e:
         return False, f"{probe} exists but cannot be kept ({e})"
     want = json.loads(json.dumps(settings))
-    if have != want:
-        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    differ, changed = restart_blocker(have, want, os.stat(probe).st_mtime, inputs)
+    if differ:
         return False, f"{probe} was made with other settings (differs in: {', '.join(differ)})"
-    written = os.stat(probe).st_mtime
-    for path in inputs:
-        if path and os.path.exists(path) and newest_mtime(path) > written:
-            return False, f"{probe} is older than {path}"
+    if changed:
+        return False, f"{probe} is older than {changed}"
     return True, ""
 
 
