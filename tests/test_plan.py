@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -197,3 +198,144 @@ def test_cli_bad_input_says_why_and_what_fits(args, message):
 def test_cli_nothing_fits_names_a_gpu_count_that_does():
     r = run_tool("--model", "igpt-xl", "--gpus", "8", "--gpu-memory", "16", "--micro-batch", "8")
     assert "fits on 16 GPUs" in r.stdout
+
+
+# ----------------------------------------------------------------------------- step-time estimate and presets
+
+
+def sbatch_defaults(script):
+    """The layout a preset sbatch script runs by default: its #SBATCH sizes and exported variable defaults."""
+    text = open(os.path.join(ROOT, "slurm", script)).read()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, flags=re.M))
+    env = dict(re.findall(r'^export (\w+)="\$\{\w+:-([^}]*)\}"', text, flags=re.M))
+    return sbatch, env
+
+
+def ds_config(model, pp=1):
+    """The DeepSpeed config slurm/common.sh picks for MODEL at PP=1 (igpt_default_ds_config)."""
+    assert pp == 1, "the presets' own configs serve PP=1; PP>1 uses zero1_pipe_*.json"
+    with open(os.path.join(ROOT, "ds_configs", f"{model}.json")) as f:
+        return json.load(f)
+
+
+def precision_of(cfg):
+    return "bf16" if cfg.get("bf16", {}).get("enabled") else "fp16" if cfg.get("fp16", {}).get("enabled") else "fp32"
+
+
+def test_planner_top_xl_layout_is_the_xl_sbatch_layout():
+    """tools/plan.py's fastest layout for igpt-xl on 64 x 80 GB is what slurm/pretrain_xl.sbatch runs."""
+    sbatch, env = sbatch_defaults("pretrain_xl.sbatch")
+    gpus = int(sbatch["nodes"]) * int(sbatch["gpus-per-node"])
+    cfg = ds_config(env["MODEL"], int(env["PP"]))
+    r = run_tool("--model", env["MODEL"], "--gpus", str(gpus), "--gpus-per-node", sbatch["gpus-per-node"],
+                 "--gpu-memory", "80", "--precision", precision_of(cfg), "--json", "--top", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["global_batch"] == cfg["train_batch_size"]  # the planner plans the config's batch
+    top = out["fitting"][0]
+    tp, pp = int(env["TP"]), int(env["PP"])
+    ran = {"dp": gpus // (tp * pp), "tp": tp, "pp": pp, "zero_stage": cfg["zero_optimization"]["stage"],
+           "micro_batch": cfg["train_micro_batch_size_per_gpu"],
+           "activation_checkpointing": env["ACTIVATION_CHECKPOINTING"] == "1"}
+    assert {k: top[k] for k in ran} == ran, out["fitting"]
+    assert top["accumulation"] * top["micro_batch"] * top["dp"] == cfg["train_batch_size"]
+    assert top["estimate"]["step_seconds"] < out["fitting"][1]["estimate"]["step_seconds"] + 1e-6
+    # bf16 ZeRO-1/2 (and pipelines) accumulate in bf16 unless told otherwise (gpu-readiness.md item 8)
+    if precision_of(cfg) != "fp32" and (cfg["zero_optimization"]["stage"] in (1, 2) or int(env["PP"]) > 1):
+        assert cfg.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+
+
+def test_igpt_l_preset_micro_batch_is_the_largest_that_fits_80gb_at_zero1():
+    cfg = ds_config("igpt-l")
+    micro, stage = cfg["train_micro_batch_size_per_gpu"], cfg["zero_optimization"]["stage"]
+    assert stage == 1 and precision_of(cfg) == "bf16"
+    assert cfg["data_types"]["grad_accum_dtype"] == "fp32"
+    one_gpu = dict(precision="bf16", zero_stage=1, gpu_memory_gib=80, fp32_grad_accum=True)
+    assert plan(PlanInput(get_preset("igpt-l"), micro_batch=micro, **one_gpu)).fits
+    assert not plan(PlanInput(get_preset("igpt-l"), micro_batch=2 * micro, **one_gpu)).fits
+    # and it is what the planner proposes for one 80 GB GPU
+    r = run_tool("--model", "igpt-l", "--gpus", "1", "--gpu-memory", "80", "--json")
+    top = json.loads(r.stdout)["fitting"][0]
+    assert (top["zero_stage"], top["micro_batch"], top["activation_checkpointing"]) == (stage, micro, False)
+    # the L sbatch splits the same batch with this micro-batch, ZeRO-1 at TP 1
+    sbatch, env = sbatch_defaults("pretrain_l.sbatch")
+    dp = int(sbatch["nodes"]) * int(sbatch["gpus-per-node"]) // (int(env["TP"]) * int(env["PP"]))
+    assert cfg["train_batch_size"] % (micro * dp) == 0 and env["ACTIVATION_CHECKPOINTING"] == "0"
+
+
+def xl_plan(zero=1, dp=8, tp=8, pp=1, ckpt=False, gpus_per_node=8, micro=1, global_batch=64, **kw):
+    return plan(PlanInput(get_preset("igpt-xl"), micro_batch=micro, precision="bf16", zero_stage=zero,
+                          layout=ParallelLayout(dp * tp * pp, tp, pp), activation_checkpointing=ckpt,
+                          gpus_per_node=gpus_per_node, global_batch=global_batch, gpu_memory_gib=1000, **kw))
+
+
+def test_step_estimate_parts_behave():
+    from igpt_ds.planning.plan import StepModel, estimate_step, groups_span_nodes
+
+    hw = StepModel()
+    z1, z3 = estimate_step(xl_plan(zero=1), hw), estimate_step(xl_plan(zero=3), hw)
+    assert z3.dp_comm > z1.dp_comm > 0 and z3.compute == z1.compute and z3.tp_comm == z1.tp_comm
+    # ZeRO-3 gathers once more per micro-step for the recompute: 4 transfers instead of 3
+    z3c = estimate_step(xl_plan(zero=3, ckpt=True), hw)
+    assert z3c.dp_comm == pytest.approx(z3.dp_comm * 4 / 3) and z3c.recompute == pytest.approx(z3c.compute / 3)
+    # ZeRO-2 reduce-scatters every micro-step, ZeRO-1 once per step
+    one_step, eight_steps = (estimate_step(xl_plan(zero=2, micro=m), hw) for m in (8, 1))  # accumulation 1, 8
+    assert eight_steps.dp_comm > one_step.dp_comm
+    # the same DP traffic over InfiniBand (4 GPUs per node: a DP group of TP 8 x DP 8 spans nodes either way,
+    # so compare DP 4 x TP 2 inside one 8-GPU node with the same layout on 2-GPU nodes)
+    inside = xl_plan(dp=4, tp=2, gpus_per_node=8, global_batch=None)
+    across = xl_plan(dp=4, tp=2, gpus_per_node=2, global_batch=None)
+    assert groups_span_nodes(inside.request.layout, 8) == {"tp": False, "dp": False, "pp": False}
+    assert groups_span_nodes(across.request.layout, 2) == {"tp": False, "dp": True, "pp": False}
+    a, b = estimate_step(inside, hw), estimate_step(across, hw)
+    assert b.dp_comm / a.dp_comm == pytest.approx(hw.intra_node_gbps / hw.inter_node_gbps)
+    assert a.tp_comm == b.tp_comm > 0
+    # TP and PP cost nothing when absent; the bubble shrinks with more micro-batches per step
+    assert estimate_step(xl_plan(dp=64, tp=1), hw).tp_comm == 0
+    few, many = (estimate_step(xl_plan(dp=4, tp=8, pp=2, micro=m), hw) for m in (16, 1))
+    assert few.bubble > many.bubble > 0 and few.pp_comm == pytest.approx(many.pp_comm)
+    # bf16 ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer: all-reduce + all-gather, 1.5x
+    bf16_opt = estimate_step(xl_plan(zero=1, fp32_grad_accum=True), hw)
+    assert bf16_opt.dp_comm == pytest.approx(1.5 * z1.dp_comm, rel=1e-6)
+    # compute scales inversely with the stated MFU
+    assert estimate_step(xl_plan(), StepModel(mfu=0.2)).compute == pytest.approx(2 * z1.compute)
+
+
+def test_fp32_accumulation_memory_of_bf16_zero1():
+    """BF16_Optimizer keeps a full fp32 gradient buffer beside the bf16 gradients; ZeRO-2 is unchanged."""
+    P, N = 1000, 8
+    assert model_state_bytes(P, N, 1, "bf16", fp32_grad_accum=True) == {
+        "weights": 2 * P, "gradients": 6 * P, "optimizer": 12 * P // N}
+    assert model_state_bytes(P, N, 2, "bf16", fp32_grad_accum=True) == model_state_bytes(P, N, 2, "bf16")
+    with pytest.raises(ValueError, match="ZeRO-0 bf16 with fp32 gradient accumulation"):
+        plan(PlanInput(get_preset("igpt-tiny"), zero_stage=0, fp32_grad_accum=True))
+
+
+def test_cli_prints_the_estimate_for_each_layout():
+    r = run_tool("--model", "igpt-l", "--gpus", "8", "--top", "3")
+    assert r.returncode == 0, r.stderr
+    assert "ESTIMATES" in r.stdout and "tok/s/GPU" in r.stdout and "not overlapped: step =" in r.stdout
+    r = run_tool("--model", "igpt-l", "--gpus", "8", "--json", "--top", "3")
+    for p in json.loads(r.stdout)["fitting"]:
+        est = p["estimate"]
+        parts = est["seconds"]
+        assert est["estimated"] and est["step_seconds"] == pytest.approx(
+            parts["compute"] + parts["recompute"] + parts["comm"] + parts["bubble"])
+        assert parts["comm"] == pytest.approx(parts["tp_comm"] + parts["pp_comm"] + parts["dp_comm"])
+        assert est["tokens_per_second_per_gpu"] == pytest.approx(
+            p["global_batch"] * p["seq_len"] / est["step_seconds"] / p["gpus"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mfu", "0"], "MFU 0.0 must lie in (0, 1]"),
+    (["--mfu", "1.5"], "MFU 1.5 must lie in (0, 1]"),
+    (["--inter-node-gbps", "-1"], "inter-node bandwidth -1.0 GB/s must be > 0"),
+    (["--intra-node-gbps", "0"], "intra-node bandwidth 0.0 GB/s must be > 0"),
+    (["--peak-tflops", "-5"], "peak -5.0 TFLOP/s must be > 0"),
+    (["--global-batch", "100"], "global batch 100 does not split"),
+    (["--gpu-kind", "V100 SXM2"], "no bf16 peak known for V100 SXM2"),
+])
+def test_cli_bad_estimate_input_says_why(args, message):
+    r = run_tool("--model", "igpt-l", *(["--dp", "8", "--zero", "1"] if "--global-batch" in args else ["--gpus", "8"]),
+                 *args)
+    assert r.returncode == 2 and message in r.stderr, r.stdout + r.stderr

@@ -1,8 +1,10 @@
-"""The planner's per-GPU byte counts, term by term: parameters, model states, activations.
+"""The planner's per-GPU byte counts, term by term: parameters, model states, activations, and the
+bytes each parallel dimension communicates per step (for the step-time estimate, at the end).
 
 Everything is arithmetic on :class:`~igpt_ds.config.ModelConfig`; nothing is allocated.
-:mod:`igpt_ds.planning.plan` adds the terms up per pipeline stage, compares them with a GPU and
-searches layouts; :mod:`igpt_ds.planning.memory` measures them on a real training step.
+:mod:`igpt_ds.planning.plan` adds the terms up per pipeline stage, compares them with a GPU,
+estimates a step's time and searches layouts; :mod:`igpt_ds.planning.memory` measures the memory
+terms on a real training step.
 
 Model states (P = parameters held by this GPU's TP/PP shard, N = data-parallel size)
 -------------------------------------------------------------------------------
@@ -117,13 +119,19 @@ def largest_layer_parameters(cfg: ModelConfig, tp: int = 1) -> int:
 
 
 def model_state_bytes(params: int, dp: int, zero_stage: int, precision: str,
-                      largest_layer: int = 0) -> dict[str, int]:
+                      largest_layer: int = 0, fp32_grad_accum: bool = False) -> dict[str, int]:
     """Per-GPU bytes of weights, gradients and optimizer states for ``params`` on this GPU.
 
     ``dp`` is the data-parallel (ZeRO sharding) degree. The optimizer entry holds the fp32 master
     weights, Adam's two moments and the fp32 gradient partition. ZeRO-3 adds ``4 * largest_layer``
     to the weights (the gathered layer, DeepSpeed's figure). Sum = DeepSpeed's estimate for
     ZeRO-2/3 in mixed precision (see the module docstring).
+
+    ``fp32_grad_accum`` (``"data_types": {"grad_accum_dtype": "fp32"}``) changes ZeRO-1 in 16-bit
+    precision only: gradients accumulate in a full-size fp32 buffer beside the 16-bit ones
+    (+4 B x P, unsharded). For bf16 that is DeepSpeed's ``BF16_Optimizer``, whose fp32 gradient
+    partition is a view of that buffer: gradients 6 P, optimizer 12 P / N. ZeRO-2/3 accumulate
+    into their fp32 partitions already; ZeRO-0 in 16 bits refuses fp32 accumulation.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
@@ -136,6 +144,8 @@ def model_state_bytes(params: int, dp: int, zero_stage: int, precision: str,
     elif zero_stage == 3:
         # DeepSpeed's 18 B/param: 16-bit weights 2, fp32 grads 4, master 4, Adam 8 (no 16-bit grad copy)
         weights, grads, optim = 2 * P // N, 4 * P // N, 12 * P // N
+    elif zero_stage == 1 and fp32_grad_accum:
+        weights, grads, optim = 2 * P, 6 * P, (12 if precision == "bf16" else 16) * P // N
     else:
         weights, grads, optim = 2 * P, shard(2, 2), shard(16, 1)
     if zero_stage == 3:
@@ -170,3 +180,83 @@ def bytes_per_activation(precision: str) -> int:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
     return 4 if precision == "fp32" else 2
+
+
+# --------------------------------------------------------------------------- step time
+#
+# Estimates for ranking layouts, not measurements. Compute runs at a stated MFU of the GPU's peak;
+# each collective moves the bytes of NCCL's ring algorithms at a stated bus bandwidth ("busbw" in
+# nccl-tests' terms): all-reduce 2 (g-1)/g x n bytes, reduce-scatter and all-gather (g-1)/g x n
+# (n = the full tensor, g = group size), a point-to-point send n. A group inside one node uses the
+# NVLink figure, a group that spans nodes the InfiniBand one.
+
+DEFAULT_MFU = 0.40
+"""Stated model-FLOP utilisation: eager igpt-l on one H100 is estimated at 33-41% (review
+gpu-readiness.md Part 2); Megatron-LM's 1.7B GPT reaches 41% on 48 H100 (its README)."""
+
+INTRA_NODE_GBPS = 360.0
+"""NVLink bus bandwidth per GPU, GB/s: 80% of H100 SXM's NVLink 4, 900 GB/s bidirectional = 450 GB/s
+each way (NVIDIA H100 datasheet)."""
+
+INTER_NODE_GBPS = 40.0
+"""InfiniBand bus bandwidth per GPU, GB/s: 80% of one 400 Gb/s NDR ConnectX-7 port per GPU
+(8 x 400 Gb/s per DGX/HGX H100 node) = 50 GB/s line rate."""
+
+
+def ring_factor(kind: str, group: int) -> float:
+    """Bytes each GPU sends per byte of the full tensor for a ring collective over ``group`` GPUs."""
+    if group <= 1:
+        return 0.0
+    if kind == "all_reduce":
+        return 2 * (group - 1) / group
+    if kind in ("reduce_scatter", "all_gather"):
+        return (group - 1) / group
+    raise ValueError(f"collective {kind!r}: all_reduce, reduce_scatter or all_gather")
+
+
+def dp_bytes_per_step(params: int, dp: int, zero_stage: int, precision: str, accumulation: int,
+                      checkpointing: bool, bf16_optimizer: bool) -> tuple[int, str]:
+    """Bytes one GPU sends over its DP group per optimizer step, and the formula in words.
+
+    ``params`` = parameters on this GPU (its TP shard of its pipeline stage), e = bytes per
+    communicated element (the model's 16-bit dtype, or 4 in fp32), m = micro-batches per step:
+
+    - ZeRO-0: all-reduce the gradients once per step (at the accumulation boundary).
+    - ZeRO-1: reduce-scatter the gradients once per step, all-gather the updated weights.
+      bf16 with fp32 accumulation (DeepSpeed's ``BF16_Optimizer``) all-reduces instead: 1.5x.
+    - ZeRO-2: the gradients are partitioned, so they are reduce-scattered after every
+      micro-step's backward (m times), plus one all-gather of the updated weights.
+    - ZeRO-3: every micro-step all-gathers the weights for forward and for backward (and once
+      more for the recompute with activation checkpointing) and reduce-scatters the gradients.
+    """
+    e = bytes_per_activation(precision)
+    n = e * params
+    rs, ag, ar = (round(ring_factor(k, dp) * n) for k in ("reduce_scatter", "all_gather", "all_reduce"))
+    if zero_stage == 0:
+        return ar, "all-reduce gradients 2 (N-1)/N e P"
+    if zero_stage == 1:
+        if bf16_optimizer:
+            return ar + ag, "all-reduce gradients 2 (N-1)/N e P + all-gather weights (N-1)/N e P (BF16_Optimizer)"
+        return rs + ag, "reduce-scatter gradients + all-gather weights, (N-1)/N e P each"
+    if zero_stage == 2:
+        return (accumulation * rs + ag,
+                f"m={accumulation} x reduce-scatter gradients + all-gather weights, (N-1)/N e P each")
+    gathers = 3 if checkpointing else 2
+    return (accumulation * (gathers * ag + rs),
+            f"m={accumulation} x ({gathers} weight all-gathers (forward, backward"
+            f"{', recompute' if checkpointing else ''}) + reduce-scatter gradients), (N-1)/N e P each")
+
+
+def tp_all_reduces_per_micro_step(n_layers: int, checkpointing: bool) -> tuple[int, int]:
+    """(exposed, overlapped) TP all-reduces of one [b, s, h] activation per micro-step on one stage.
+
+    Megatron's row-parallel outputs (attention projection, MLP projection) are all-reduced in
+    forward, 2 per block, and the column-parallel inputs' gradients in backward, 2 per block;
+    the recompute repeats the forward's 2. The vocab-parallel embedding (forward) and the logit
+    head (backward) add one each; counted once per micro-step whatever the stage. Forward ones
+    block the next operator: exposed. Backward ones overlap the weight-gradient GEMMs (megatron's
+    asynchronous all-reduce, CUDA_DEVICE_MAX_CONNECTIONS=1): hidden.
+    """
+    exposed = n_layers * (2 + (2 if checkpointing else 0)) + 1
+    overlapped = 2 * n_layers + 1
+    return exposed, overlapped

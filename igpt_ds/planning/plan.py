@@ -7,9 +7,30 @@ checkpointing, in-flight micro-batches under 1F1B) and their derivation are in
 :mod:`igpt_ds.planning.costs`; this module adds them up per stage, explains the sum line by line,
 and searches the layouts that fit.
 
-Fits: usable memory = (GPU memory - 2 GiB for the CUDA context, NCCL and cuBLAS workspaces) x 0.9
+Fits: usable memory = (GPU memory - 2 GiB for the CUDA context and cuBLAS workspaces - 1 GiB per
+NCCL communicator the layout uses: one each for TP, DP and PP groups of more than one rank) x 0.9
 (allocator fragmentation). The predicted peak adds every term at once (full gradients and all
 activations), an upper bound: in backward, gradients grow while activations are freed.
+
+Speed: :func:`estimate_step` gives an *estimated* time of one optimizer step (no GPU is asked):
+
+    compute    = train FLOPs per GPU (6N + 12 L d T per token, ``ModelConfig.train_flops_per_token``,
+                 x tokens of one DP replica / (TP x PP)) / (stated MFU x peak FLOP/s of the precision)
+    recompute  = compute / 3 with activation checkpointing (one more forward; MFU does not count it)
+    TP         = exposed all-reduces of one [b, s, h] activation per micro-step (costs.tp_all_reduces_per_micro_step)
+    PP         = per micro-step one activation forward and its gradient backward across a stage boundary,
+                 the full [b, s, h] from every TP rank (DeepSpeed's pipeline does not split it over TP)
+    bubble     = (PP - 1) / m x (compute + recompute + TP) for m micro-batches per step (1F1B fill and drain)
+    DP         = the ZeRO stage's gradient and weight traffic per step (costs.dp_bytes_per_step)
+
+Each communication term runs at the NVLink bandwidth when its group lies inside one node and at
+the InfiniBand bandwidth when it spans nodes (ranks are node-major; TP fastest, then DP, then PP:
+``ParallelLayout.coords``). What overlaps: megatron's backward TP all-reduces hide behind the
+weight-gradient GEMMs and are not counted; everything else is added, not overlapped: DeepSpeed's
+``overlap_comm`` and ZeRO-3 prefetch can hide part of the DP traffic behind backward, so the
+estimate is an upper bound for DP-heavy layouts. Not modelled: host overhead (ZeRO-3's Python
+hooks, launches), the optimizer step itself, MFU falling at small micro-batches or narrow GEMMs.
+Layouts that fit are ranked by this estimate (:func:`ranking_key`).
 """
 from __future__ import annotations
 
@@ -20,18 +41,28 @@ from typing import Iterable, Optional
 from igpt_ds.config import ModelConfig
 from igpt_ds.parallel.layout import ParallelLayout
 from igpt_ds.planning.costs import (
+    DEFAULT_MFU,
     GIB,
+    INTER_NODE_GBPS,
+    INTRA_NODE_GBPS,
     activation_bytes_per_layer,
     bytes_per_activation,
+    dp_bytes_per_step,
     gib,
     head_activation_bytes,
     largest_layer_parameters,
     model_state_bytes,
+    ring_factor,
     stage_layers,
     stage_parameters,
+    tp_all_reduces_per_micro_step,
 )
+from igpt_ds.train.metrics import PEAK_TFLOPS
 
-CONTEXT_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, cuBLAS workspace
+CONTEXT_RESERVE_GIB = 2.0  # CUDA context, cuBLAS workspace
+NCCL_RESERVE_GIB = 1.0
+"""Per NCCL communicator: a plain one takes a few hundred MB, one with NVLink SHARP buffers on NVSwitch
+about 1.6 GB (NVIDIA/nccl#864; NeMo sets NCCL_NVLS_ENABLE=0 to save it)."""
 FRAGMENTATION = 0.10  # fraction of the rest lost to the caching allocator
 TP_LAYOUT_HINT = "tensor parallelism all-reduces twice per layer and needs NVLink: keep it inside a node"
 
@@ -53,12 +84,44 @@ class PlanInput:
     gpus_per_node: int = 8
     attention: str = "flash"
     grad_accum: Optional[int] = None
-    """Gradient-accumulation steps (micro-batches per step); None: at least PP (1F1B fills the pipe)."""
+    """Gradient-accumulation steps (micro-batches per step); None: from ``global_batch``, else PP
+    (1F1B fills the pipe)."""
+    global_batch: Optional[int] = None
+    """Samples per optimizer step (DeepSpeed's ``train_batch_size``) = micro-batch x accumulation x DP."""
+    fp32_grad_accum: bool = False
+    """``"data_types": {"grad_accum_dtype": "fp32"}``, as the shipped presets set it (tools/plan.py's
+    default; False is DeepSpeed's default, the model's dtype): changes the memory and DP traffic of
+    16-bit ZeRO-1 (``costs.model_state_bytes``, ``costs.dp_bytes_per_step``) and rules out 16-bit ZeRO-0."""
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step (validate() checks that the global batch splits)."""
+        if self.grad_accum is not None:
+            return self.grad_accum
+        if self.global_batch is not None:
+            return max(1, self.global_batch // (self.micro_batch * self.layout.data_parallel))
+        return self.layout.pipeline_parallel
+
+    @property
+    def bf16_optimizer(self) -> bool:
+        """DeepSpeed picks its BF16_Optimizer: bf16, ZeRO-1, fp32 gradient accumulation."""
+        return self.precision == "bf16" and self.zero_stage == 1 and self.fp32_grad_accum
 
     def validate(self) -> "PlanInput":
         """Refuse an impossible request with the reason and the fix (reuses ParallelLayout.validate)."""
         if self.micro_batch < 1:
             raise ValueError(f"micro-batch {self.micro_batch} must be >= 1")
+        if self.grad_accum is not None and self.grad_accum < 1:
+            raise ValueError(f"gradient accumulation {self.grad_accum} must be >= 1")
+        if self.global_batch is not None:
+            per_step = self.micro_batch * self.layout.data_parallel
+            if self.global_batch < 1 or self.global_batch % per_step:
+                raise ValueError(f"global batch {self.global_batch} does not split into micro-batch {self.micro_batch} "
+                                 f"x DP {self.layout.data_parallel} x accumulation: choose a micro-batch and DP "
+                                 "whose product divides it")
+            if self.grad_accum is not None and self.grad_accum * per_step != self.global_batch:
+                raise ValueError(f"global batch {self.global_batch} != micro-batch {self.micro_batch} x DP "
+                                 f"{self.layout.data_parallel} x accumulation {self.grad_accum}: give one of them")
         bytes_per_activation(self.precision)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage {self.zero_stage}: choose 0, 1, 2 or 3")
@@ -70,6 +133,10 @@ class PlanInput:
             raise ValueError(f"TP={tp} is larger than a node ({self.gpus_per_node} GPUs, --gpus-per-node): "
                              f"{TP_LAYOUT_HINT}. Use TP <= {self.gpus_per_node} and add pipeline stages (PP) "
                              "or ZeRO-3 for the rest")
+        if self.zero_stage == 0 and self.precision != "fp32" and self.fp32_grad_accum:
+            raise ValueError(f"ZeRO-0 {self.precision} with fp32 gradient accumulation: DeepSpeed refuses the mix "
+                             "(NotImplementedError in its optimizer check); use ZeRO-1/2, or accumulate in "
+                             f"{self.precision} (--grad-accum-dtype model)")
         self.layout.validate(self.model, self.zero_stage)
         return self
 
@@ -92,6 +159,8 @@ class Plan:
     in_flight_micro_batches: int
     usable: int
     lines: list[str]
+    estimate: Optional["StepEstimate"] = None
+    """Estimated step time (:func:`estimate_step`); set by :func:`search`."""
 
     @property
     def model_states(self) -> int:
@@ -124,6 +193,8 @@ class Plan:
             "precision": r.precision, "zero_stage": r.zero_stage, "gpus": r.layout.world_size,
             "dp": r.layout.data_parallel, "tp": r.layout.tensor_parallel, "pp": r.layout.pipeline_parallel,
             "activation_checkpointing": r.activation_checkpointing, "attention": r.attention,
+            "accumulation": r.accumulation, "global_batch": r.global_batch,
+            "grad_accum_dtype": "fp32" if r.fp32_grad_accum else r.precision,
             "gpu_memory_gib": r.gpu_memory_gib, "total_parameters": self.total_parameters,
             "heaviest_stage": self.stage, "stage_parameters": self.stage_parameters,
             "largest_layer_parameters": self.largest_layer_parameters,
@@ -134,11 +205,19 @@ class Plan:
                       "activations_checkpointing": self.activations_checkpointing,
                       "total": self.total, "usable": self.usable},
             "fits": self.fits, "arithmetic": self.lines,
+            "estimate": self.estimate.to_dict() if self.estimate else None,
         }
 
 
-def usable_bytes(gpu_memory_gib: float) -> int:
-    return int((gpu_memory_gib - CONTEXT_RESERVE_GIB) * (1 - FRAGMENTATION) * GIB)
+def communicators(layout: ParallelLayout) -> list[str]:
+    """The NCCL groups of more than one rank this layout communicates over (each holds buffers)."""
+    sizes = {"TP": layout.tensor_parallel, "DP": layout.data_parallel, "PP": layout.pipeline_parallel}
+    return [name for name, size in sizes.items() if size > 1]
+
+
+def usable_bytes(gpu_memory_gib: float, n_communicators: int = 0) -> int:
+    reserve = CONTEXT_RESERVE_GIB + NCCL_RESERVE_GIB * n_communicators
+    return max(0, int((gpu_memory_gib - reserve) * (1 - FRAGMENTATION) * GIB))
 
 
 def plan(req: PlanInput) -> Plan:
@@ -157,7 +236,7 @@ def plan(req: PlanInput) -> Plan:
         per_layer_bwd = 0
     layer_input = cfg.seq_len * req.micro_batch * cfg.d_model * e
     head = head_activation_bytes(cfg, req.micro_batch, req.precision, tp)
-    gas = req.grad_accum if req.grad_accum is not None else pp
+    gas = req.accumulation
 
     best = None
     for i in range(pp):
@@ -168,7 +247,8 @@ def plan(req: PlanInput) -> Plan:
         no_ckpt = in_flight * layers[i] * per_layer + max(per_layer_bwd, extra)
         ckpt = in_flight * layers[i] * layer_input + max(per_layer + per_layer_bwd, extra)
         acts = ckpt if req.activation_checkpointing else no_ckpt
-        states = model_state_bytes(params[i], dp, req.zero_stage, req.precision, largest)
+        states = model_state_bytes(params[i], dp, req.zero_stage, req.precision, largest,
+                                   fp32_grad_accum=req.fp32_grad_accum)
         total = sum(states.values()) + acts
         if best is None or total > best[0]:
             best = (total, i, states, acts, no_ckpt, ckpt, in_flight)
@@ -176,8 +256,8 @@ def plan(req: PlanInput) -> Plan:
     p = Plan(request=req, total_parameters=sum(stage_parameters(cfg, 1, 1)), stage=i,
              stage_parameters=params[i], largest_layer_parameters=largest, activations=acts,
              activations_no_checkpointing=no_ckpt, activations_checkpointing=ckpt,
-             in_flight_micro_batches=in_flight, usable=usable_bytes(req.gpu_memory_gib), lines=[],
-             **states)
+             in_flight_micro_batches=in_flight, usable=usable_bytes(req.gpu_memory_gib, len(communicators(lo))),
+             lines=[], **states)
     p.lines = _arithmetic(p, layers[i], per_layer, layer_input, head, per_layer_bwd)
     return p
 
@@ -191,6 +271,8 @@ def _arithmetic(p: Plan, n_layers: int, per_layer: int, layer_input: int, head: 
     s, b, h, a = cfg.seq_len, r.micro_batch, cfg.d_model, cfg.n_head
     G = lambda n: f"{gib(n):.2f} GiB"  # noqa: E731
     head_here = head if p.stage == pp - 1 else 0
+    groups = communicators(lo)
+    nccl = (f" - {len(groups)} x {NCCL_RESERVE_GIB:g} GiB NCCL communicators ({', '.join(groups)})" if groups else "")
     out = [
         f"model {cfg.name}: L={cfg.n_layer} d={h} heads={a} seq={s} ({cfg.resolution}^2), "
         f"{p.total_parameters:,} parameters",
@@ -208,6 +290,13 @@ def _arithmetic(p: Plan, n_layers: int, per_layer: int, layer_input: int, head: 
                 f"gradients  fp32 partition 4 B x P / N = {G(p.gradients)}",
                 f"optimizer  (fp32 master 4 + Adam 8) B x P / N = {G(p.optimizer)}",
                 "           = DeepSpeed's ZeRO-3 estimate 18 B x P / N + 4 B x largest layer"]
+    elif z == 1 and r.fp32_grad_accum:
+        fp32_part = "fp32 master 4 + Adam 8" + ("" if r.precision == "bf16" else " + fp32 grads 4")
+        out += [f"weights    16-bit 2 B x P = {G(p.weights)}",
+                f"gradients  16-bit 2 B x P + fp32 accumulation buffer 4 B x P (grad_accum_dtype fp32) "
+                f"= {G(p.gradients)}",
+                f"optimizer  ({fp32_part}) B x P / N = {G(p.optimizer)}"
+                + (" (BF16_Optimizer)" if r.precision == "bf16" else "")]
     else:
         out += [f"weights    16-bit 2 B x P = {G(p.weights)}",
                 f"gradients  16-bit 2 B x P{' / N' if z >= 2 else ''} = {G(p.gradients)}",
@@ -230,7 +319,7 @@ def _arithmetic(p: Plan, n_layers: int, per_layer: int, layer_input: int, head: 
         f"activations used ({'with' if r.activation_checkpointing else 'without'} checkpointing): "
         f"{G(p.activations)}",
         f"total {G(p.model_states)} + {G(p.activations)} = {G(p.total)}",
-        f"usable ({r.gpu_memory_gib:g} GiB - {CONTEXT_RESERVE_GIB:g} GiB context) x {1 - FRAGMENTATION:g} "
+        f"usable ({r.gpu_memory_gib:g} GiB - {CONTEXT_RESERVE_GIB:g} GiB context{nccl}) x {1 - FRAGMENTATION:g} "
         f"= {G(p.usable)}  ->  {'FITS' if p.fits else 'DOES NOT FIT'} "
         f"({'headroom' if p.fits else 'short by'} {G(abs(p.headroom))})",
     ]
@@ -245,6 +334,136 @@ def _plus_max(terms: list[tuple[str, int]], fmt) -> str:
     if len(terms) == 1:
         return f" + {terms[0][0]} {fmt(terms[0][1])}"
     return " + max(" + ", ".join(f"{name} {fmt(n)}" for name, n in terms) + ")"
+
+
+# --------------------------------------------------------------------------- step time (estimate)
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """What a step-time estimate assumes: the MFU, the GPU's peak and the link bandwidths (GB/s per GPU)."""
+
+    mfu: float = DEFAULT_MFU
+    peak_tflops: Optional[float] = None
+    """Dense peak at the run's precision; None: ``PEAK_TFLOPS[gpu_kind]`` (vendors' datasheets)."""
+    gpu_kind: str = "H100 SXM"
+    intra_node_gbps: float = INTRA_NODE_GBPS
+    inter_node_gbps: float = INTER_NODE_GBPS
+
+    def validate(self) -> "StepModel":
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"MFU {self.mfu} must lie in (0, 1]: a fraction of the peak, e.g. 0.4")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak {self.peak_tflops} TFLOP/s must be > 0")
+        for name, value in (("intra-node", self.intra_node_gbps), ("inter-node", self.inter_node_gbps)):
+            if not value > 0:
+                raise ValueError(f"{name} bandwidth {value} GB/s must be > 0")
+        if self.peak_tflops is None and self.gpu_kind not in PEAK_TFLOPS:
+            raise ValueError(f"GPU kind {self.gpu_kind!r}: choose one of {sorted(PEAK_TFLOPS)} "
+                             "or give the peak TFLOP/s")
+        return self
+
+    def peak_flops(self, precision: str) -> float:
+        if self.peak_tflops is not None:
+            return self.peak_tflops * 1e12
+        table = PEAK_TFLOPS[self.gpu_kind]
+        if precision not in table:
+            raise ValueError(f"no {precision} peak known for {self.gpu_kind}: give the peak TFLOP/s (--peak-tflops)")
+        return table[precision] * 1e12
+
+
+@dataclass
+class StepEstimate:
+    """Estimated seconds of one optimizer step on one GPU, by part (see the module docstring)."""
+
+    compute: float
+    recompute: float
+    tp_comm: float
+    pp_comm: float
+    bubble: float
+    dp_comm: float
+    tokens_per_step: int
+    world_size: int
+    lines: list[str]
+
+    @property
+    def comm(self) -> float:
+        return self.tp_comm + self.pp_comm + self.dp_comm
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.recompute + self.comm + self.bubble
+
+    @property
+    def tokens_per_second_per_gpu(self) -> float:
+        return self.tokens_per_step / self.total / self.world_size
+
+    def to_dict(self) -> dict:
+        return {"estimated": True, "step_seconds": self.total, "tokens_per_second_per_gpu":
+                self.tokens_per_second_per_gpu, "tokens_per_step": self.tokens_per_step,
+                "seconds": {"compute": self.compute, "recompute": self.recompute, "tp_comm": self.tp_comm,
+                            "pp_comm": self.pp_comm, "dp_comm": self.dp_comm, "comm": self.comm,
+                            "bubble": self.bubble},
+                "arithmetic": self.lines}
+
+
+def groups_span_nodes(layout: ParallelLayout, gpus_per_node: int) -> dict[str, bool]:
+    """Whether any TP, DP or PP group holds ranks of more than one node (ranks node-major)."""
+    members: dict[str, dict[tuple, set]] = {"tp": {}, "dp": {}, "pp": {}}
+    for rank in range(layout.world_size):
+        dp, tp, pp = layout.coords(rank)
+        node = rank // gpus_per_node
+        for kind, key in (("tp", (dp, pp)), ("dp", (tp, pp)), ("pp", (dp, tp))):
+            members[kind].setdefault(key, set()).add(node)
+    return {kind: any(len(nodes) > 1 for nodes in groups.values()) for kind, groups in members.items()}
+
+
+def estimate_step(p: Plan, hw: StepModel = StepModel()) -> StepEstimate:
+    """Estimated time of one optimizer step of ``p``'s layout (an estimate, not a measurement)."""
+    hw.validate()
+    r, cfg = p.request, p.request.model
+    lo, e, ckpt, m = r.layout, bytes_per_activation(r.precision), r.activation_checkpointing, r.accumulation
+    tp, pp, dp = lo.tensor_parallel, lo.pipeline_parallel, lo.data_parallel
+    spans = groups_span_nodes(lo, r.gpus_per_node)
+    link = {kind: (hw.inter_node_gbps if spans[kind] else hw.intra_node_gbps) * 1e9 for kind in spans}
+    where = {kind: "InfiniBand" if spans[kind] else "NVLink" for kind in spans}
+
+    tokens_replica = r.micro_batch * m * cfg.seq_len
+    rate = hw.mfu * hw.peak_flops(r.precision)
+    compute = cfg.train_flops_per_token() * tokens_replica / (tp * pp) / rate
+    recompute = compute / 3 if ckpt else 0.0
+    act = cfg.seq_len * r.micro_batch * cfg.d_model * e  # one [b, s, h] activation
+    n_layers = max(stage_layers(cfg.n_layer, pp))
+    exposed, hidden = tp_all_reduces_per_micro_step(n_layers, ckpt)
+    tp_comm = m * exposed * ring_factor("all_reduce", tp) * act / link["tp"]
+    pp_comm = m * 2 * act / link["pp"] if pp > 1 else 0.0
+    bubble = (pp - 1) / m * (compute + recompute + tp_comm)
+    dp_bytes, dp_rule = dp_bytes_per_step(p.stage_parameters, dp, r.zero_stage, r.precision, m, ckpt,
+                                          r.bf16_optimizer)
+    dp_comm = dp_bytes / link["dp"]
+
+    ms = lambda t: f"{t * 1e3:.1f} ms"  # noqa: E731
+    peak = hw.peak_flops(r.precision) / 1e12
+    lines = [
+        f"step time (estimate): m = {m} micro-batches of {r.micro_batch} per step, "
+        f"{tokens_replica:,} tokens per DP replica, {tokens_replica * dp:,} per step",
+        f"compute    {cfg.train_flops_per_token() / 1e9:.2f} GFLOP/token x {tokens_replica:,} tokens"
+        f" / (TP {tp} x PP {pp}) / ({hw.mfu:g} MFU x {peak:g} TFLOP/s {r.precision}) = {ms(compute)}",
+        f"recompute  {'compute / 3 (activation checkpointing)' if ckpt else 'none (no checkpointing)'}"
+        f" = {ms(recompute)}",
+        f"TP         {m} x {exposed} exposed all-reduces ({n_layers} blocks; {hidden} backward ones hidden) x "
+        f"2 (t-1)/t x sbh e {act / 2 ** 20:.1f} MiB, t={tp}, {where['tp']} {link['tp'] / 1e9:g} GB/s = {ms(tp_comm)}",
+        "PP         " + (f"{m} x 2 x sbh e {act / 2 ** 20:.1f} MiB point-to-point, {where['pp']} "
+                          f"{link['pp'] / 1e9:g} GB/s = {ms(pp_comm)}" if pp > 1 else "none (PP=1)"),
+        f"bubble     (PP-1)/m = {pp - 1}/{m} x (compute + recompute + TP) = {ms(bubble)}",
+        f"DP         {dp_rule}, e={e} B, P={p.stage_parameters:,}, N={dp}: {dp_bytes / 1e9:.2f} GB over "
+        f"{where['dp'] if dp > 1 else 'no link'} {link['dp'] / 1e9:g} GB/s = {ms(dp_comm)}",
+        f"not overlapped: step = {ms(compute + recompute + tp_comm + pp_comm + bubble + dp_comm)}, "
+        f"{tokens_replica * dp / (compute + recompute + tp_comm + pp_comm + bubble + dp_comm) / lo.world_size:,.0f}"
+        " tokens/s per GPU (estimate)",
+    ]
+    return StepEstimate(compute=compute, recompute=recompute, tp_comm=tp_comm, pp_comm=pp_comm, bubble=bubble,
+                        dp_comm=dp_comm, tokens_per_step=tokens_replica * dp, world_size=lo.world_size, lines=lines)
 
 
 # --------------------------------------------------------------------------- layout search
@@ -270,34 +489,53 @@ def candidate_layouts(model: ModelConfig, gpus: int, gpus_per_node: int = 8) -> 
 
 
 def ranking_key(p: Plan) -> tuple:
-    """Best first: fewest model-parallel ranks (TP x PP, then fewer pipeline stages: bubbles and
-    inter-node hops cost more than intra-node TP), then no activation checkpointing (recompute
-    costs ~1/3 more compute), then communication (ZeRO-0/1/2 move what plain data parallelism
-    moves, ZeRO-3 adds a parameter all-gather: 1.5x), then the most free memory."""
-    lo, r = p.request.layout, p.request
-    return (lo.tensor_parallel * lo.pipeline_parallel, lo.pipeline_parallel, r.activation_checkpointing,
-            r.zero_stage == 3, -p.headroom)
+    """Best first: the shortest estimated time per sample (at a fixed global batch, the shortest
+    step; equal to a 1e-7 s per sample). On a tie the lower ZeRO stage, whose host-side machinery
+    the estimate does not count (ZeRO-3's fetch/release hooks on every module in forward, backward
+    and recompute; ZeRO-2's per-micro-step reduce hooks), then the most free memory."""
+    est = p.estimate or estimate_step(p)
+    samples = p.request.micro_batch * p.request.accumulation * p.request.layout.data_parallel
+    return (round(est.total / samples, 7), p.request.zero_stage, -p.headroom)
 
 
-RANKING_RULE = ("fewest model-parallel ranks (TP x PP, fewer PP stages first), then no activation "
-                "checkpointing, then not ZeRO-3 (1.5x communication), then most headroom")
+RANKING_RULE = ("shortest estimated step time (compute at the stated MFU + communication + pipeline bubble), "
+                "then the lower ZeRO stage, then most headroom")
+
+MICRO_BATCHES = tuple(2 ** k for k in range(11))
+"""Micro-batches :func:`search` tries when asked to pick one: powers of two up to 1024."""
 
 
-def search(base: PlanInput, gpus: int, include_nonfitting: bool = False) -> list[Plan]:
+def search(base: PlanInput, gpus: int, include_nonfitting: bool = False, hardware: Optional[StepModel] = None,
+           micro_batches: Optional[Iterable[int]] = None) -> list[Plan]:
     """Plans for every layout, ZeRO stage and checkpointing choice on ``gpus`` GPUs, best first.
 
-    ``base`` gives the model, micro-batch, precision and GPU; its layout and ZeRO stage are ignored.
+    ``base`` gives the model, micro-batch, precision, global batch and GPU; its layout and ZeRO
+    stage are ignored. With ``micro_batches`` each choice gets the one of them (that fits and
+    splits the global batch) with the shortest estimated step, the larger on a tie: a fuller GPU
+    runs closer to the stated MFU, which the estimate itself does not model. Each plan carries its
+    :class:`StepEstimate` under ``hardware``.
     """
+    hardware = (hardware or StepModel()).validate()
+    sizes = sorted(set(micro_batches)) if micro_batches is not None else [base.micro_batch]
     plans = []
     for layout, zero in candidate_layouts(base.model, gpus, base.gpus_per_node):
         for ckpt in (False, True):
-            req = PlanInput(model=base.model, micro_batch=base.micro_batch, precision=base.precision,
-                            zero_stage=zero, layout=layout, activation_checkpointing=ckpt,
-                            gpu_memory_gib=base.gpu_memory_gib, gpus_per_node=base.gpus_per_node,
-                            attention=base.attention, grad_accum=base.grad_accum)
-            p = plan(req)
-            if p.fits or include_nonfitting:
-                plans.append(p)
+            best = None
+            if zero == 0 and base.precision != "fp32" and base.fp32_grad_accum:
+                continue  # DeepSpeed refuses 16-bit ZeRO-0 with fp32 accumulation (PlanInput.validate)
+            for micro in sizes:
+                req = dataclasses.replace(base, micro_batch=micro, zero_stage=zero, layout=layout,
+                                          activation_checkpointing=ckpt)
+                if base.global_batch is not None and base.global_batch % (micro * layout.data_parallel):
+                    continue
+                p = plan(req)
+                if not (p.fits or include_nonfitting):
+                    break  # memory grows with the micro-batch: no larger one fits either
+                p.estimate = estimate_step(p, hardware)
+                if best is None or ranking_key(p)[0] <= ranking_key(best)[0]:
+                    best = p
+            if best is not None:
+                plans.append(best)
     return sorted(plans, key=ranking_key)
 
 
