@@ -93,7 +93,8 @@ def _setup(device_arg: str) -> tuple[torch.device, int, int]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Both backends on a GPU: the heads' tensors go over NCCL, anything on the host over gloo.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return device, dist.get_rank(), dist.get_world_size()
     return device, 0, 1

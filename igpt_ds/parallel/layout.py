@@ -88,7 +88,43 @@ class ParallelState:
 
 
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """gloo on a CPU machine; on a GPU machine one group with both backends, ``"cpu:gloo,cuda:nccl"``.
+
+    The loop's small collectives (stop flags, sizes known per rank) are CPU tensors and the model's are
+    CUDA tensors: a group made with the plain string ``"nccl"`` has no CPU backend and fails the first
+    CPU collective ("No backend type associated with device type cpu").
+    """
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def cuda_device_index() -> int:
+    """This rank's GPU: ``LOCAL_RANK`` modulo the GPUs this process can see.
+
+    Clusters that show each task only its own GPU (``--gpus-per-task``, ``--gpu-bind``, cgroups) give
+    every rank ``CUDA_VISIBLE_DEVICES`` of one device: LOCAL_RANK 3 then means device 0.
+    """
+    count = torch.cuda.device_count()
+    if count < 1:
+        raise RuntimeError("CUDA is available but no device is visible (check CUDA_VISIBLE_DEVICES)")
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) % count
+
+
+def select_cuda_device() -> Optional[torch.device]:
+    """Set this rank's CUDA device before any group exists; None on a CPU machine.
+
+    DeepSpeed takes its device from ``LOCAL_RANK`` itself (the engine's ``set_device``, ``zero.Init``), so
+    where the launcher's LOCAL_RANK is not a visible device it is rewritten to the wrapped index (the
+    launcher's value stays in ``IGPT_DS_LAUNCHER_LOCAL_RANK``).
+    """
+    if not torch.cuda.is_available():
+        return None
+    index = cuda_device_index()
+    launched = os.environ.get("LOCAL_RANK", "0") or "0"
+    if int(launched) != index:
+        os.environ.setdefault("IGPT_DS_LAUNCHER_LOCAL_RANK", launched)
+        os.environ["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
@@ -96,7 +132,9 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (deepspeed, torchrun) or the Slurm
     equivalents (SLURM_PROCID/SLURM_NTASKS). Without any of them this is a one-process group
-    on an in-memory store, so tools and notebooks need no launcher.
+    on an in-memory store, so tools and notebooks need no launcher. On a GPU machine the device is
+    set first (:func:`select_cuda_device`) and handed to the group, so NCCL starts eagerly and a bad
+    device or network fails here, at start-up, not at the first collective.
     """
     if dist.is_initialized():
         return
@@ -106,15 +144,18 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+    launched = "RANK" in os.environ
+    # zero.Init reads LOCAL_RANK even in one process. Not RANK/WORLD_SIZE: child processes
+    # inheriting those would believe they were started by a launcher.
+    os.environ.setdefault("LOCAL_RANK", "0")
+    kwargs = {"timeout": timeout}
+    device = select_cuda_device() if "nccl" in backend else None
+    if device is not None:
+        kwargs["device_id"] = device
+    if launched:
+        dist.init_process_group(backend, **kwargs)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        # zero.Init reads LOCAL_RANK even in one process. Not RANK/WORLD_SIZE: child processes
-        # inheriting those would believe they were started by a launcher.
-        os.environ.setdefault("LOCAL_RANK", "0")
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, backend: Optional[str] = None,

@@ -156,13 +156,13 @@ def decode_throughput(folder: str, palette: np.ndarray, resolution: int, num_wor
 
 
 def extraction_consumption(preset: str, precision: str, mfu: float = 0.5, passes: int = 1,
-                           gpu: str = "H100") -> dict:
+                           gpu: str = "H100 SXM") -> dict:
     """Images/s one GPU extracts features of ``preset`` at: peak * MFU / forward FLOPs per image.
 
     Forward FLOPs = a third of :meth:`ModelConfig.train_flops_per_token` (2N + 4·L·d·T per token,
     every block and the head: an upper bound, the extractor stops at the deepest requested layer)
     times the sequence length, times ``passes`` (BERT: one forward per mask). Peak from
-    :data:`igpt_ds.train.metrics.PEAK_TFLOPS` (fp32 is plain FP32: PyTorch does not use TF32 by default).
+    :data:`igpt_ds.train.metrics.PEAK_TFLOPS` (fp32 is plain FP32, as extraction runs it).
     """
     from igpt_ds.train.metrics import peak_flops
 
