@@ -4,7 +4,8 @@ The tables were checked against the argparse code the entry points had before th
 (``parse_args`` in igpt_ds/pretrain.py and igpt_ds/finetune.py): same spellings, defaults, types, choices, nargs,
 metavars, help texts, groups and parsed values. Changes on purpose: --adam-eps got a help text, and fine-tuning
 gained --max-minutes, --peak-tflops and --save-interval with the unified loop; both gained --verbose (the
-warning filter, igpt_ds/quiet.py). Any other drift fails here.
+warning filter, igpt_ds/quiet.py) and --compile (torch.compile per block, igpt_ds/model/compile.py). Any other
+drift fails here.
 """
 import argparse
 import dataclasses
@@ -24,6 +25,8 @@ NO_PROGRESS = dict(default=True, action="store_false", nargs=0, dest="progress",
 VERBOSE = dict(SWITCH, help="show every warning, also the third-party notices filtered by default (igpt_ds/quiet.py)")
 MAX_MINUTES = "wall-clock budget: save a checkpoint and stop when it is spent (the schedule is not shortened)"
 PEAK_TFLOPS = "device peak TFLOP/s for MFU (default: looked up by name)"
+COMPILE = dict(SWITCH, help="torch.compile each transformer block (inductor; ZeRO-3 through DeepSpeed's "
+                            "engine.compile); graph breaks are printed and logged")
 
 # flag -> (group title, what argparse knows about it); "type" is the converter's name, absent for str.
 PRETRAIN_FLAGS = {
@@ -31,6 +34,7 @@ PRETRAIN_FLAGS = {
     "--objective": (MODEL, dict(default="ar", choices=["ar", "bert"], help="autoregressive or BERT (default ar)")),
     "--resolution": (MODEL, dict(default=None, type="int", help="model resolution side (default: the preset's)")),
     "--activation-checkpointing": (MODEL, dict(SWITCH, help="recompute blocks in backward")),
+    "--compile": (MODEL, COMPILE),
     "--train-data": (DATA, dict(default=("synthetic",), nargs="+", metavar="SHARDS",
                                 help="shard directory with dataset.json (tools/build_shards.py), brace pattern of .tar "
                                      "files, or a list of them; 'synthetic' for generated striped images (default)")),
@@ -74,6 +78,7 @@ FINETUNE_FLAGS = {
     "--num-classes": (MODEL, dict(default=None, type="int",
                                   help="classes (default: from the data; an error if it contradicts it)")),
     "--activation-checkpointing": (MODEL, dict(SWITCH, help="recompute blocks in backward")),
+    "--compile": (MODEL, COMPILE),
     "--train-data": (DATA, dict(default="", required=True, metavar="PATH",
                                 help="labelled images: cifar-10-batches-py, cifar-100-python, stl10_binary, an .npz "
                                      "or an ImageNet-style folder; or a shard directory (already quantized: --augment "
@@ -122,7 +127,7 @@ FINETUNE_FLAGS = {
 GROUP_ORDER = {PretrainArgs: [MODEL, DATA, PAR, OPT, PT_CK], FinetuneArgs: [MODEL, DATA, PAR, OPT, FT_CK]}
 
 # Every field after parsing the minimal command line; the keys are the names the loop reads.
-SHARED_DEFAULTS = dict(activation_checkpointing=False, palette=None, num_workers=2,
+SHARED_DEFAULTS = dict(activation_checkpointing=False, compile=False, palette=None, num_workers=2,
                        deepspeed_config="ds_configs/zero0_fp32.json", tensor_parallel=1, pipeline_parallel=1,
                        train_steps=None, train_epochs=None, seed=0, save=None, save_interval=0, load=None,
                        eval_interval=0, log_interval=1, peak_tflops=None, max_minutes=None, progress=True,
@@ -138,8 +143,8 @@ FINETUNE_DEFAULTS = dict(SHARED_DEFAULTS, init="ck", random_init=False, num_clas
 
 PRETRAIN_CASES = [  # (argv, the fields that differ from PRETRAIN_DEFAULTS)
     ([], {}),
-    (["--model", "igpt-s", "--objective", "bert", "--resolution", "32", "--activation-checkpointing"],
-     dict(model="igpt-s", objective="bert", resolution=32, activation_checkpointing=True)),
+    (["--model", "igpt-s", "--objective", "bert", "--resolution", "32", "--activation-checkpointing", "--compile"],
+     dict(model="igpt-s", objective="bert", resolution=32, activation_checkpointing=True, compile=True)),
     (["--train-data", "a", "b{0..3}.tar", "--val-data", "v", "--palette", "p.npy", "--num-workers", "0",
       "--shuffle-buffer", "5"],
      dict(train_data=("a", "b{0..3}.tar"), val_data=("v",), palette="p.npy", num_workers=0, shuffle_buffer=5)),
@@ -171,9 +176,9 @@ FINETUNE_CASES = [
     ([*FT, "--deepspeed_config", "z", "--tensor-parallel", "2", "--pipeline-parallel", "4", "--deepspeed",
       "--local-rank", "0"], dict(deepspeed_config="z", tensor_parallel=2, pipeline_parallel=4)),
     ([*FT, "--lr", "1e-3", "--train-steps", "5", "--train-epochs", "2", "--warmup-steps", "1", "--gen-weight", "0",
-      "--bert-masks", "3", "--seed", "9", "--activation-checkpointing"],
+      "--bert-masks", "3", "--seed", "9", "--activation-checkpointing", "--compile"],
      dict(lr=1e-3, train_steps=5, train_epochs=2.0, warmup_steps=1, gen_weight=0.0, bert_masks=3, seed=9,
-          activation_checkpointing=True)),
+          activation_checkpointing=True, compile=True)),
     ([*FT, "--eval-interval", "10", "--patience", "3", "--save", "o", "--load", "o", "--log-interval", "2",
       "--no-progress"], dict(eval_interval=10, patience=3, save="o", load="o", log_interval=2, progress=False)),
     ([*FT, "--max-minutes", "5", "--peak-tflops", "989", "--save-interval", "100"],

@@ -1,4 +1,5 @@
-"""tools/benchmark.py model: runs the tiny preset on CPU through the real trainer and writes its section."""
+"""tools/benchmark.py model: runs the tiny preset on CPU through the real trainer (eager and --compile) and writes
+its section."""
 import json
 import os
 import re
@@ -15,7 +16,8 @@ def test_model_benchmark_writes_a_well_formed_section(tmp_path):
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\nkept text\n")
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--markdown", str(md), "model",
-                          "--resolution", "8", "--steps", "2", "--warmup", "1", "--deepspeed_config", str(cfg)],
+                          "--resolution", "8", "--steps", "2", "--warmup", "1", "--deepspeed_config", str(cfg),
+                          "--compile"],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert out.returncode == 0, out.stderr[-3000:]
     text = md.read_text()
@@ -25,7 +27,10 @@ def test_model_benchmark_writes_a_well_formed_section(tmp_path):
         assert field in section
     ours = re.search(r"\| iGPT-DS `Trainer` \(DeepSpeed engine\) \| ([\d.]+) \| ([\d,]+) \|", section)
     hf = re.search(r"\| HF `ImageGPTForCausalImageModeling` \+ torch Adam \| ([\d.]+) \| ([\d,]+) \|", section)
-    assert ours and hf, section
+    compiled = re.search(r"\| iGPT-DS `Trainer` `--compile` \(blocks through torch.compile\) \| ([\d.]+) \|", section)
+    assert ours and hf and compiled, section
+    assert re.search(r"`--compile` over eager in the same run: \*\*[\d.]+x\*\* \(its first step, which compiles: "
+                     r"[\d.]+ s; graph breaks: 0\)", section), section
     assert float(ours.group(1)) > 0 and int(hf.group(2).replace(",", "")) > 0
     ratio = float(re.search(r"\*\*([\d.]+)x\*\*", section).group(1))
     assert abs(ratio - float(hf.group(1)) / float(ours.group(1))) < 0.02 * ratio + 0.01

@@ -9,7 +9,9 @@
 
 model: train-step throughput of a preset and layout through the real trainer (tokens/s, TFLOP/s
 per device, MFU, peak memory; median after warm-up). On CPU it also trains Hugging Face's
-ImageGPTForCausalImageModeling of the same size on the same batches and prints the ratio.
+ImageGPTForCausalImageModeling of the same size on the same batches and prints the ratio. With
+--compile the trainer runs a second time with its blocks compiled (torch.compile, igpt_ds/model/compile.py),
+in the same process after the eager run: both rows, the compiling first step and the graph breaks.
 
 checkpoint: exporting a DeepSpeed checkpoint (written at DP --world under --zero-stage on CPU, after
 one real step) to a consolidated file: the one-process file reader against the old path that
@@ -138,6 +140,9 @@ def run_model(args) -> str:
 
     r = ours(args.model, args.resolution, args.deepspeed_config, args.steps, args.warmup, args.tensor_parallel,
              args.pipeline_parallel, args.activation_checkpointing, args.peak_tflops)
+    c = ours(args.model, args.resolution, args.deepspeed_config, args.steps, args.warmup, args.tensor_parallel,
+             args.pipeline_parallel, args.activation_checkpointing, args.peak_tflops, compile=True) \
+        if args.compile else None
     if not r["is_rank0"]:
         return ""
     cfg, ds, layout = r["config"], r["ds"], r["layout"]
@@ -146,12 +151,30 @@ def run_model(args) -> str:
              f"{ds.gradient_accumulation_steps}), {ds.precision}, ZeRO-{ds.zero_stage}, "
              f"DP {layout.data_parallel} x TP {layout.tensor_parallel} x PP {layout.pipeline_parallel}"
              f"{', activation checkpointing' if args.activation_checkpointing else ''}")
-    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else \
-        "n/a (no peak FLOP/s known for this device; --peak-tflops)"
+
+    def mfu(run: dict) -> str:
+        return f"{100 * run['mfu']:.1f}%" if run["mfu"] is not None else \
+            "n/a (no peak FLOP/s known for this device; --peak-tflops)"
+
+    def row(label: str, run: dict) -> str:
+        return (f"| {label} | {run['step_time_s']:.3f} | {run['tokens_per_s']:,.0f} | {run['tflops']:.3f} | "
+                f"{mfu(run)} | {run['peak_mem_gb']:.2f} |")
+
     print(f"{shape}\nours: {r['tokens_per_s']:,.0f} tokens/s, {r['step_time_s']:.3f} s/step, "
-          f"{r['tflops']:.3f} TFLOP/s per device, MFU {mfu}, peak memory {r['peak_mem_gb']:.2f} GiB")
-    rows = [f"| iGPT-DS `Trainer` (DeepSpeed engine) | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['tflops']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} |"]
+          f"{r['tflops']:.3f} TFLOP/s per device, MFU {mfu(r)}, peak memory {r['peak_mem_gb']:.2f} GiB")
+    rows = [row("iGPT-DS `Trainer` (DeepSpeed engine)", r)]
+    compile_line = ""
+    if c is not None:
+        rows.append(row("iGPT-DS `Trainer` `--compile` (blocks through torch.compile)", c))
+        compile_line = (f"\n`--compile` over eager in the same run: **{r['step_time_s'] / c['step_time_s']:.2f}x** "
+                        f"(its first step, which compiles: {c['first_step_s']:.1f} s; graph breaks: "
+                        f"{c['graph_breaks']}).\n")
+        if not torch.cuda.is_available():  # on GPUs the loop resets the peak at the start of each run
+            compile_line += ("Peak memory on CPU is the process's peak RSS: the `--compile` row's includes the "
+                             "eager run before it.\n")
+        print(f"ours --compile: {c['tokens_per_s']:,.0f} tokens/s, {c['step_time_s']:.3f} s/step "
+              f"({r['step_time_s'] / c['step_time_s']:.2f}x eager); first step {c['first_step_s']:.1f} s, "
+              f"{c['graph_breaks']} graph breaks")
     ratio_line = ""
     if not torch.cuda.is_available() and layout.world_size == 1 and not args.no_reference:
         if ds.precision != "fp32" or ds.gradient_accumulation_steps != 1:
@@ -165,6 +188,10 @@ def run_model(args) -> str:
                     f"{h['tokens_per_s']:,.0f} | {flops:.3f} | | |")
         ratio_line = (f"\nSpeed-up of ours over Hugging Face in the same run: **{ratio:.2f}x** "
                       f"(target: >= 2x at 1024 tokens).\n")
+        if c is not None:
+            ratio_line += (f"With `--compile`: **{h['step_time_s'] / c['step_time_s']:.2f}x** Hugging Face "
+                           f"(goal: 3x).\n")
+            print(f"ours --compile is {h['step_time_s'] / c['step_time_s']:.2f}x faster than Hugging Face")
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     return f"""## model: train-step throughput ({cfg.name}, MR {cfg.resolution}^2, {ds.precision}, {platform.machine()})
 
@@ -179,7 +206,7 @@ def run_model(args) -> str:
 | implementation | s/step | tokens/s | TFLOP/s per device | MFU | peak memory (GiB) |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
-{ratio_line}"""
+{ratio_line}{compile_line}"""
 
 
 def run_checkpoint(args) -> str:
@@ -398,6 +425,8 @@ def main(argv=None):
     model.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     model.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: looked up by name)")
     model.add_argument("--no-reference", action="store_true", help="skip the Hugging Face comparison on CPU")
+    model.add_argument("--compile", action="store_true",
+                       help="also run the trainer with --compile (blocks through torch.compile) after the eager run")
     model.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     ckpt = sub.add_parser("checkpoint", help="export time and peak RSS: one-process reader vs the old engine ranks")
     ckpt.add_argument("--model", nargs="+", default=["igpt-s", "igpt-m"], help="presets (default igpt-s igpt-m)")

@@ -45,8 +45,25 @@ def tp_split(name: str) -> Optional[tuple[int, int]]:
     return TP_SPLITS.get(name)
 
 
+def cpu_normal_(tensor: torch.Tensor, std: float, mean: float = 0.0) -> torch.Tensor:
+    """Fill ``tensor`` (any device, any dtype) with N(mean, std) drawn by the CPU generator in fp32.
+
+    Under ZeRO-3's ``zero.Init`` the tensors being initialised are made on the GPU in bf16/fp16: drawing
+    there would use the CUDA generator (another stream than the CPU's), in 16 bits, so a ZeRO-3 run and a
+    ZeRO-0/1/2 run (built on the CPU in fp32 and cast later) would start from different weights. Every
+    weight of the model is drawn here instead, so the initial weights are the same at every ZeRO stage,
+    layout and device: a 16-bit copy is the rounding of the same fp32 draw.
+    """
+    with torch.no_grad():
+        if tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+            return tensor.normal_(mean, std)
+        # new_empty, not torch.empty: zero.Init redirects torch.empty to the GPU and the training dtype.
+        draw = tensor.new_empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(mean, std)
+        return tensor.copy_(draw)
+
+
 def _normal(std: float):
-    return partial(nn.init.normal_, mean=0.0, std=std)
+    return partial(cpu_normal_, std=std)
 
 
 def resolve_tp_group(tp_group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
@@ -199,7 +216,7 @@ class PositionEmbedding(nn.Embedding):
     """
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.01)
+        cpu_normal_(self.weight, std=0.01)
 
 
 class Embedding(nn.Module):
@@ -218,7 +235,7 @@ class Embedding(nn.Module):
                                               config=megatron_config(tp_group.size()), tp_group=tp_group)
         self.wpe = PositionEmbedding(cfg.seq_len, cfg.d_model)
         if cfg.objective == "ar":
-            self.sos = nn.Parameter(torch.empty(cfg.d_model).normal_(std=0.02))
+            self.sos = nn.Parameter(cpu_normal_(torch.empty(cfg.d_model), std=0.02))
 
     def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, s = tokens.shape

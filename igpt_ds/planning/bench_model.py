@@ -5,7 +5,8 @@ DeepSpeed config and layout) on synthetic token images, timed per optimizer step
 itself; the first ``warmup`` steps are dropped and the median of the rest is reported.
 The reference is Hugging Face's ``ImageGPTForCausalImageModeling`` of the same size (same
 layers, width, heads, sequence length, batch, dtype, thread count), trained with the same Adam on
-the same batches in the same process.
+the same batches in the same process. With ``compile=True`` the trainer runs with ``--compile``
+(:mod:`igpt_ds.model.compile`); its first step, which compiles, is reported apart as ``first_step_s``.
 """
 from __future__ import annotations
 
@@ -26,21 +27,22 @@ from igpt_ds.train.pretrain_task import PretrainTask
 
 def ours(model: str, resolution: int, ds_config: str, steps: int, warmup: int, tensor_parallel: int = 1,
          pipeline_parallel: int = 1, activation_checkpointing: bool = False, peak_tflops: Optional[float] = None,
-         seed: int = 0) -> dict:
+         seed: int = 0, compile: bool = False) -> dict:
     """Median per-step metrics of ``steps`` timed training steps after ``warmup`` untimed ones."""
     with tempfile.TemporaryDirectory(prefix="igpt-bench-") as tmp:
         args = PretrainArgs(model=model, resolution=resolution, activation_checkpointing=activation_checkpointing,
                          deepspeed_config=ds_config, tensor_parallel=tensor_parallel,
                          pipeline_parallel=pipeline_parallel, train_steps=warmup + steps, warmup_steps=0,
                          save=tmp, save_interval=0, seed=seed, peak_tflops=peak_tflops, progress=False,
-                         num_workers=0)
+                         num_workers=0, compile=compile)
         trainer = Trainer(args, PretrainTask(args))
         trainer.args.save = None  # metrics only: no checkpoint at the end
         trainer.train()
         records = read_metrics(f"{tmp}/metrics.jsonl") if trainer.is_rank0 else []
     timed = records[warmup:]
     out = {"config": trainer.cfg, "ds": trainer.ds, "layout": trainer.layout, "steps": len(timed),
-           "is_rank0": trainer.is_rank0}
+           "is_rank0": trainer.is_rank0, "first_step_s": records[0]["step_time_s"] if records else None,
+           "graph_breaks": records[-1].get("graph_breaks") if records else None}
     for key in ("step_time_s", "tokens_per_s", "samples_per_s", "tflops", "mfu", "peak_mem_gb", "data_wait_pct"):
         values = [r[key] for r in timed if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None

@@ -46,6 +46,9 @@ class RunArgs:
 
     activation_checkpointing: bool = flag("--activation-checkpointing", default=False, group="model",
                                           action="store_true", help="recompute blocks in backward")
+    compile: bool = flag("--compile", default=False, group="model", action="store_true",
+                         help="torch.compile each transformer block (inductor; ZeRO-3 through DeepSpeed's "
+                              "engine.compile); graph breaks are printed and logged")
     palette: Optional[str] = flag("--palette", group="data",
                                   help="palette.npy the shards must have been built with (checked by hash)")
     num_workers: int = flag("--num-workers", default=2, group="data", help="data loader workers per rank (default 2)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from igpt_ds.config import ModelConfig
+from igpt_ds.model import compile as compiling
 from igpt_ds.model.pipeline import build_pipeline_module
 from igpt_ds.model.transformer import IGPTModel
 from igpt_ds.parallel import layout as parallel
@@ -113,6 +115,20 @@ def load_ds_config(path: str, data_parallel: int, pipeline_parallel: int = 1) ->
     return DSSettings(str(path), resolved, stage, precision, micro, gas, train)
 
 
+def matmul_precision(precision: str) -> str:
+    """The precision the matmuls of a run at ``precision`` (a DS config's) run in; turns TF32 on where it applies.
+
+    An fp32 config on a CUDA GPU computes its matmuls and convolutions in TF32 (10 mantissa bits, fp32 range,
+    about 7x plain FP32 on A100/H100; PyTorch's default is plain FP32): returns "tf32", and MFU is against the
+    TF32 peak. ``NVIDIA_TF32_OVERRIDE=0`` (NVIDIA's switch, read by cuBLAS/cuDNN) keeps plain FP32.
+    """
+    if precision != "fp32" or not torch.cuda.is_available() or os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        return precision
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return "tf32"
+
+
 class WarmupCosine:
     """Multiplier for ``torch.optim.lr_scheduler.LambdaLR`` (a class, so its state pickles)."""
 
@@ -155,8 +171,20 @@ def build_model(cfg: ModelConfig, state: parallel.ParallelState, ds: DSSettings,
 
 
 def build_engine(module: nn.Module, state: parallel.ParallelState, ds: DSSettings, lr: float,
-                 schedule: WarmupCosine, adam_eps: float = 1e-8):
-    """Adam (betas 0.9, 0.95, no weight decay, as the paper) + LambdaLR(schedule) inside a DeepSpeed engine."""
+                 schedule: WarmupCosine, adam_eps: float = 1e-8, compile: bool = False):
+    """Adam (betas 0.9, 0.95, no weight decay, as the paper) + LambdaLR(schedule) inside a DeepSpeed engine.
+
+    With ``compile`` (``--compile``) the transformer blocks go through torch.compile: at ZeRO-0..2 (and
+    pipeline stages) before ``deepspeed.initialize``, at ZeRO-3 by DeepSpeed's ``engine.compile()``;
+    refused with the reason where it cannot work (:mod:`igpt_ds.model.compile`). The engine gets
+    ``engine.graph_breaks()``: the count for the step records (None uncompiled), printed once on rank 0.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    compiling.prefer_fast_attention(device)  # sm90: cuDNN, then Flash attention; elsewhere torch's choice
+    if compile:
+        compiling.check_compile(ds.zero_stage, device)
+        if ds.zero_stage < 3:
+            compiling.compile_blocks(module)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95), eps=adam_eps, weight_decay=0.0,
                                  fused=torch.cuda.is_available() or None)
@@ -164,6 +192,9 @@ def build_engine(module: nn.Module, state: parallel.ParallelState, ds: DSSetting
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds.config,
         mpu=None if state.layout.pipeline_parallel > 1 else parallel.DeepSpeedMPU(state))
+    if compile and ds.zero_stage == 3:
+        compiling.compile_engine(engine)
+    engine.graph_breaks = compiling.GraphBreaks(compile, announce=state.rank == 0)
     return engine, scheduler
 
 

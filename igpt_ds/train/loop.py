@@ -23,15 +23,20 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from igpt_ds.checkpoint import run as run_checkpoint
+from igpt_ds.model.compile import check_compile
 from igpt_ds.palette import save_palette
 from igpt_ds.parallel import layout as parallel
 from igpt_ds.parallel import signals
-from igpt_ds.train.engine import DSSettings, build_engine, load_ds_config, set_schedule_step
-from igpt_ds.train.metrics import GPUMonitor, MetricsWriter, peak_flops, peak_memory_bytes
+from igpt_ds.train.engine import DSSettings, build_engine, load_ds_config, matmul_precision, set_schedule_step
+from igpt_ds.train.metrics import GPUMonitor, MetricsWriter, device_name, peak_flops, peak_memory_bytes
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became non-finite on a step the fp16 loss scaler did not skip."""
+    """The loss became non-finite on a step the fp16 loss scaler did not skip, or the loss scale hit its floor."""
+
+
+# DeepSpeed's DynamicLossScaler ends an fp16 run with a bare Exception of this message (fp16/loss_scaler.py).
+LOSS_SCALE_AT_MINIMUM = "loss scale already at minimum"
 
 
 class Trainer:
@@ -54,6 +59,8 @@ class Trainer:
         if self.resume is not None:
             tag, meta = self.resume
             run_checkpoint.check_compatible(meta, cfg, f"{args.load}/{tag}/{run_checkpoint.META_FILE}")
+        if getattr(args, "compile", False):  # refused here, before any group, loader or model exists
+            check_compile(self.ds.zero_stage, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         task.prepare(self)
 
         # 2. Groups and devices. Middle pipeline stages read no data; the first and last read the same.
@@ -73,17 +80,30 @@ class Trainer:
         schedule = task.schedule(self.total_steps, self.steps_per_epoch)
         module = task.build_model(self)
         self.engine, self.scheduler = build_engine(module, self.state, self.ds, args.lr, schedule,
-                                                   getattr(args, "adam_eps", 1e-8))
-        self.step = 0
+                                                   getattr(args, "adam_eps", 1e-8), compile=args.compile)
+        self.step = 0  # optimizer updates applied (fp16 steps the loss scaler skipped are not counted)
+        self._saved_step: Optional[int] = None
         self.stop_reason = None  # a signal number, or "time"
         self._grad_norm: Optional[float] = None
         self.metrics = MetricsWriter(args.save, enabled=self.is_rank0)
-        self.gpu = GPUMonitor()
-        self.peak = peak_flops(self.ds.precision, args.peak_tflops)
+        self.gpu = GPUMonitor(self.device)
+        self.compute_precision = matmul_precision(self.ds.precision)  # "tf32" for fp32 configs on CUDA
+        self.peak = peak_flops(self.compute_precision, args.peak_tflops)
+        if self.is_rank0:
+            self._say_precision()
         if self.is_rank0 and args.save and task.palette is not None:
             save_palette(f"{args.save}/palette.npy", task.palette)  # exports then carry the palette
         if self.resume is not None:
             self.load(args.load)
+
+    def _say_precision(self) -> None:
+        """Rank 0, once: TF32 in an fp32 run, and an MFU that cannot be computed (never a wrong one)."""
+        if self.compute_precision == "tf32":
+            print(f"{self.ds.path} is fp32: matmuls run in TF32 on this GPU (MFU against the TF32 peak); "
+                  f"NVIDIA_TF32_OVERRIDE=0 keeps plain FP32, a bf16 config is faster still", flush=True)
+        if self.peak is None and self.device.type == "cuda":
+            print(f"MFU unknown: no {self.compute_precision} peak is known for '{device_name()}' "
+                  f"(igpt_ds/train/metrics.py PEAK_TFLOPS); pass --peak-tflops to state it", flush=True)
 
     def _total_steps(self) -> int:
         args = self.args
@@ -138,6 +158,20 @@ class Trainer:
                 dist.all_reduce(sums, group=self.state.dp_group)
         return task.step_record(task.stats.named(sums.cpu())), wait
 
+    def _train_step_or_diverge(self, it: Optional[Iterator]) -> tuple[dict, float]:
+        """:meth:`_train_step`, with DeepSpeed's end of an fp16 run whose loss scale hit its floor
+        (a bare ``Exception``) turned into :class:`TrainingDiverged` with the way out."""
+        try:
+            return self._train_step(it)
+        except Exception as e:
+            if LOSS_SCALE_AT_MINIMUM not in str(e):
+                raise
+            raise TrainingDiverged(
+                f"fp16 loss scale is at its minimum and the gradients still overflow at step {self.step + 1}: the "
+                f"run diverged ({self.engine.skipped_steps} steps skipped). Last good checkpoint: "
+                f"{run_checkpoint.last_good(self.args.save) or 'none'}. Resume it with a lower --lr, or use a bf16 "
+                f"config (no loss scaling). {self.task.divergence_hint}") from e
+
     def _compute_grad_norm(self) -> float:
         """Global L2 gradient norm for ZeRO-0 (DeepSpeed reports none there).
 
@@ -189,6 +223,7 @@ class Trainer:
         rank_state = {"rng": run_checkpoint.rng_state(),
                       "loader": self.train_loader.state_dict() if self.train_loader is not None else None}
         tag_dir = run_checkpoint.write_checkpoint(self.engine, self.args.save, self.step, meta, rank_state)
+        self._saved_step = self.step  # a stop on a skipped fp16 step does not rewrite this step's checkpoint
         if task.keep_only_latest and self.is_rank0:
             run_checkpoint.prune(self.args.save, keep=tag_dir.name)
         return str(tag_dir)
@@ -202,6 +237,7 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"{directory}/{tag}: DeepSpeed found no loadable checkpoint files")
         self.step = int(client["step"]) if client else int(meta["step"])
+        self._saved_step = self.step  # this step's checkpoint exists: a stop before the next update keeps it
         if restarted:
             set_schedule_step(self.scheduler, self.step)
             if self.is_rank0:
@@ -272,33 +308,41 @@ class Trainer:
             self._grad_norm = None
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             t0 = time.perf_counter()
-            record, wait = self._train_step(it)
+            record, wait = self._train_step_or_diverge(it)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
-            self.step += 1
-            overflow = self.engine.skipped_steps > skipped_before  # fp16: the loss scaler skipped this step
-            if not math.isfinite(record["loss"]) and not overflow:
-                raise TrainingDiverged(
-                    f"loss became {record['loss']} at step {self.step}; stopping without saving. Last good "
-                    f"checkpoint: {run_checkpoint.last_good(args.save) or 'none'}. {task.divergence_hint}")
-            record = {"step": self.step, **record, "lr": lr, **self._step_metrics(elapsed, wait, tokens_per_step,
-                                                                                  flops_per_token)}
-            evaluated = task.eval_due(self)
-            task_stop = False
-            if evaluated:
-                record.update(task.evaluate(self))
-                task_stop = task.after_evaluation(self, record)
-            if evaluated or self.step % args.log_interval == 0 or self.step == self.total_steps:
-                self.metrics.write(record)
-            last = record
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            # fp16: a step whose gradients overflowed is skipped by DeepSpeed (no update, no schedule step):
+            # the run counts optimizer updates, so it still ends after total_steps of them, on the schedule.
+            applied = self.engine.skipped_steps == skipped_before
+            evaluated = task_stop = False
+            if applied:
+                self.step += 1
+                if not math.isfinite(record["loss"]):
+                    raise TrainingDiverged(
+                        f"loss became {record['loss']} at step {self.step}; stopping without saving. Last good "
+                        f"checkpoint: {run_checkpoint.last_good(args.save) or 'none'}. {task.divergence_hint}")
+                record = {"step": self.step, **record, "lr": lr,
+                          **self._step_metrics(elapsed, wait, tokens_per_step, flops_per_token)}
+                evaluated = task.eval_due(self)
+                if evaluated:
+                    record.update(task.evaluate(self))
+                    task_stop = task.after_evaluation(self, record)
+                if evaluated or self.step % args.log_interval == 0 or self.step == self.total_steps:
+                    self.metrics.write(record)
+                last = record
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            elif self.is_rank0:
+                note = (f"step {self.step + 1}: the fp16 loss scaler skipped the update (gradient overflow); loss "
+                        f"scale now {self._loss_scale()}, {self.engine.skipped_steps} skipped so far")
+                (bar.write if bar is not None else print)(note)
             stop = self._should_stop()
-            if args.save and (stop or task_stop or self.step == self.total_steps
-                              or (args.save_interval and self.step % args.save_interval == 0)
-                              or (evaluated and task.checkpoint_after_eval)):
+            due = stop or (applied and (task_stop or self.step == self.total_steps
+                                        or (args.save_interval and self.step % args.save_interval == 0)
+                                        or (evaluated and task.checkpoint_after_eval)))
+            if args.save and due and self._saved_step != self.step:
                 self.save()
             if stop:
                 if self.is_rank0:
@@ -315,7 +359,8 @@ class Trainer:
 
     def _step_metrics(self, elapsed: float, wait: float, tokens_per_step: int, flops_per_token: float) -> dict:
         record = {"grad_norm": self._grad_norm_value(), "loss_scale": self._loss_scale(),
-                  "skipped_steps": self.engine.skipped_steps, "step_time_s": elapsed,
+                  "skipped_steps": self.engine.skipped_steps, "graph_breaks": self.engine.graph_breaks(),
+                  "step_time_s": elapsed,
                   "tokens_per_s": tokens_per_step / elapsed, "samples_per_s": self.ds.train_batch_size / elapsed,
                   "data_wait_pct": 100.0 * wait / elapsed, "peak_mem_gb": peak_memory_bytes() / 2**30}
         achieved = flops_per_token * record["tokens_per_s"] / self.layout.world_size
