@@ -2,14 +2,17 @@
 import collections
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
 
+from igpt_ds.data.images import ImageLoader
 from igpt_ds.data.shards import BuildSettings, ShardError, _write_tar, build_shards, read_manifest
 from igpt_ds.data.sources import open_source
 from igpt_ds.data.tokens import EpochLayout, build_loader, epoch_segments
 from igpt_ds.palette import palette_sha256, quantize
+from igpt_ds.parallel import signals
 from igpt_ds.parallel.layout import ParallelLayout
 from igpt_ds.testing import run_ranks
 
@@ -152,6 +155,48 @@ def test_resume_any_worker_phase(dataset, workers, drop_last, stop):
     resumed = build_loader(str(shards), **kwargs)
     resumed.load_state_dict(first.state_dict())
     assert head + [b["keys"] for b in resumed] == reference
+
+
+def test_workers_persist_across_epochs_and_passes(dataset, tmp_path, monkeypatch):
+    """One set of worker processes serves every epoch and pass of a loader, and each epoch serves
+    exactly what a DataLoader made for that epoch alone (the design before persistent workers) does."""
+    shards, pal, _ = dataset
+    started = tmp_path / "workers.txt"
+
+    def record(worker_id=0):  # runs in each new worker process (fork: the patch is inherited)
+        with open(started, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    monkeypatch.setattr(signals, "worker_init", record)
+    kwargs = dict(batch_size=3, dp_rank=1, dp_world_size=2, num_workers=2, seed=7, shuffle_buffer=8)
+    per_epoch = []
+    for epoch in range(3):
+        alone = build_loader(str(shards), epochs=epoch + 1, **kwargs)
+        alone.set_epoch(epoch)
+        per_epoch.append([b["keys"] for b in alone])
+        del alone
+    assert len(started.read_text().split()) == 6  # 2 workers per fresh loader
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2] and all(len(e) == 8 for e in per_epoch)
+    started.unlink()
+
+    loader = build_loader(str(shards), epochs=3, **kwargs)
+    head = [b["keys"] for b in itertools.islice(loader, 5)]  # a pass stopped inside epoch 0
+    rest = [b["keys"] for b in loader]  # a new pass over the same workers continues it
+    assert head + rest == [k for epoch in per_epoch for k in epoch]
+    pids = started.read_text().split()
+    assert len(pids) == len(set(pids)) == 2, pids  # 3 epochs, 2 passes, the same 2 processes
+
+    # Images quantized on the fly: batches do not depend on the worker count, so workers=0 is the reference.
+    source = open_source(shards.parent / "d.npz")
+    kw = dict(batch_size=5, dp_rank=0, dp_world_size=2, augment="cifar", seed=3, epochs=3)
+    reference = [b["keys"] + b["tokens"].flatten().tolist() for b in ImageLoader(source, pal, RES, num_workers=0, **kw)]
+    started.unlink()
+    images = ImageLoader(source, pal, RES, num_workers=2, **kw)
+    head = [b["keys"] + b["tokens"].flatten().tolist() for b in itertools.islice(images, 3)]
+    got = head + [b["keys"] + b["tokens"].flatten().tolist() for b in images]
+    assert got == reference and len(got) == 12 and reference[:4] != reference[4:8]
+    pids = started.read_text().split()
+    assert len(pids) == len(set(pids)) == 2, pids
 
 
 def test_manifest_must_match_the_run(dataset):

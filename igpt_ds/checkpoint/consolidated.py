@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from igpt_ds.checkpoint.atomic import atomic_directory
+from igpt_ds.checkpoint.lazy_torch import LazyTensor, SafetensorsFile
 from igpt_ds.config import ModelConfig
 from igpt_ds.palette import load_palette, palette_sha256
 
@@ -120,6 +121,16 @@ def read_consolidated_config(path: PathLike) -> dict:
         raise ValueError(f"{file}: version {meta['version']} is newer than this code reads ({VERSION}); "
                          f"upgrade iGPT-DS")
     return meta
+
+
+def open_consolidated(path: PathLike) -> tuple[ModelConfig, dict[str, LazyTensor], Optional[np.ndarray], dict]:
+    """Like :func:`load_consolidated`, but the weights are :class:`LazyTensor` s: each is read from the
+    file when its ``load()`` is called, so a reader holds one tensor at a time."""
+    meta = read_consolidated_config(path)
+    config = ModelConfig.from_dict(meta["model"], source=str(Path(path) / CONFIG_FILE))
+    weights = SafetensorsFile(Path(path) / WEIGHTS_FILE).tensors
+    palette = load_palette(Path(path) / PALETTE_FILE) if (Path(path) / PALETTE_FILE).is_file() else None
+    return config, weights, palette, meta
 
 
 def load_consolidated(path: PathLike, device: Union[str, torch.device] = "cpu"

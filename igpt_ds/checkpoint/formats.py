@@ -38,6 +38,7 @@ class Format:
     read: Reader
     write: Optional[Writer]
     looks_for: str
+    open: Optional[Callable[[PathLike], tuple]] = None  # like read, but tensors are read on load() (lazy_torch)
 
 
 def _write_consolidated(path, config, state_dict, palette=None, dtype=torch.float32, step=None, source=None, **_):
@@ -47,14 +48,15 @@ def _write_consolidated(path, config, state_dict, palette=None, dtype=torch.floa
 
 FORMATS: list[Format] = [
     Format("consolidated", checkpoint.is_consolidated, checkpoint.load_consolidated, _write_consolidated,
-           'an iGPT-DS consolidated export: config.json with "format": "igpt-ds-consolidated" and model.safetensors'),
+           'an iGPT-DS consolidated export: config.json with "format": "igpt-ds-consolidated" and model.safetensors',
+           checkpoint.open_consolidated),
     Format("hf", hf.is_hf_imagegpt, hf.load_hf, hf.save_hf,
            'a Hugging Face ImageGPT directory: config.json with "model_type": "imagegpt" and '
-           'model.safetensors, model.safetensors.index.json or pytorch_model.bin'),
+           'model.safetensors, model.safetensors.index.json or pytorch_model.bin', hf.open_hf),
     Format("deepspeed", ds_checkpoint.is_deepspeed_checkpoint, ds_checkpoint.load_deepspeed,
            ds_checkpoint.save_deepspeed,
            "an iGPT-DS DeepSpeed checkpoint of any DP/TP/PP/ZeRO layout: 'latest' and global_stepN/igpt_meta.json "
-           "(igpt_ds/pretrain.py --save DIR); its files are read in this process"),
+           "(igpt_ds/pretrain.py --save DIR); its files are read in this process", ds_checkpoint.open_deepspeed),
 ]
 
 
@@ -102,9 +104,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
-    """Raise ValueError naming the first tensor whose presence or shape disagrees with ``cfg``."""
+    """Raise ValueError naming the first tensor whose presence or shape disagrees with ``cfg`` (tensors or
+    lazy tensors: only shapes are looked at)."""
     expected = expected_shapes(cfg)
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) or callable(getattr(v, "load", None))}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source}: the weights do not match the config: missing {missing[:6]}"

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from igpt_ds.checkpoint.atomic import atomic_directory
+from igpt_ds.checkpoint.lazy_torch import DerivedTensor, SafetensorsFile, materialize, rows
 from igpt_ds.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
@@ -165,29 +166,51 @@ def state_dict_from_hf(hf: dict, weights: dict[str, torch.Tensor], bias: Optiona
 
     ``bias=None`` drops the Conv1D biases when all are zero (``bias=False``), else keeps them.
     """
+    cfg, lazy = lazy_state_dict_from_hf(hf, weights, bias, source)
+    return cfg, {k: v.load() for k, v in lazy.items()}
+
+
+def lazy_state_dict_from_hf(hf: dict, weights: dict, bias: Optional[bool] = None, source: str = "weights"
+                            ) -> tuple[ModelConfig, dict[str, DerivedTensor]]:
+    """:func:`state_dict_from_hf` over tensors or lazy tensors (:class:`LazyTensor`): each of our tensors is
+    a :class:`DerivedTensor`, read and converted when loaded (only the Conv1D biases are read now)."""
     # An ImageGPTModel saved alone has no "transformer." prefix.
     weights = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in weights.items()}
     if "lm_head.weight" not in weights and hf.get("tie_word_embeddings") and "transformer.wte.weight" in weights:
-        weights["lm_head.weight"] = weights["transformer.wte.weight"][:-1]
+        wte = weights["transformer.wte.weight"]
+        n = wte.shape[0] - 1
+        weights["lm_head.weight"] = DerivedTensor((n, *wte.shape[1:]), wte.dtype, lambda: rows(wte, 0, n))
     _check_hf_tensors(hf, weights, source)
     n_layer = int(hf.get("n_layer", _HF_DEFAULTS["n_layer"]))
     biases = [weights[f"transformer.h.{i}.{h}.bias"] for i in range(n_layer) for _, h in _CONV1D]
     if bias is None:
-        bias = any(bool(b.count_nonzero()) for b in biases)
-    elif not bias and any(bool(b.count_nonzero()) for b in biases):
+        bias = any(bool(materialize(b).count_nonzero()) for b in biases)
+    elif not bias and any(bool(materialize(b).count_nonzero()) for b in biases):
         raise ValueError(f"{source}: bias=False requested but the Conv1D biases are not all zero")
     cfg = config_from_hf(hf, bias=bias, source=source)
+
+    def same(t):
+        return DerivedTensor(tuple(t.shape), t.dtype, lambda: materialize(t).contiguous())
+
+    def transposed(t):
+        return DerivedTensor(tuple(t.shape)[::-1], t.dtype, lambda: materialize(t).t().contiguous())
+
     wte = weights["transformer.wte.weight"]
-    sd = {"embed.wte.weight": wte[:-1], "embed.sos": wte[-1], "embed.wpe.weight": weights["transformer.wpe.weight"],
-          "final.ln_f.weight": weights["transformer.ln_f.weight"], "final.head.weight": weights["lm_head.weight"]}
+    v = wte.shape[0] - 1
+    sd = {"embed.wte.weight": DerivedTensor((v, *wte.shape[1:]), wte.dtype, lambda: rows(wte, 0, v)),
+          "embed.sos": DerivedTensor(tuple(wte.shape[1:]), wte.dtype, lambda: rows(wte, v, v + 1)[0]),
+          "embed.wpe.weight": same(weights["transformer.wpe.weight"]),
+          "final.ln_f.weight": same(weights["transformer.ln_f.weight"]),
+          "final.head.weight": same(weights["lm_head.weight"])}
     for i in range(n_layer):
         src, dst = f"transformer.h.{i}.", f"blocks.{i}."
-        sd[dst + "ln_1.weight"], sd[dst + "ln_2.weight"] = weights[src + "ln_1.weight"], weights[src + "ln_2.weight"]
+        sd[dst + "ln_1.weight"], sd[dst + "ln_2.weight"] = same(weights[src + "ln_1.weight"]), \
+            same(weights[src + "ln_2.weight"])
         for ours, theirs in _CONV1D:
-            sd[f"{dst}{ours}.weight"] = weights[f"{src}{theirs}.weight"].t()
+            sd[f"{dst}{ours}.weight"] = transposed(weights[f"{src}{theirs}.weight"])
             if bias:
-                sd[f"{dst}{ours}.bias"] = weights[f"{src}{theirs}.bias"]
-    return cfg, {k: v.contiguous() for k, v in sd.items()}
+                sd[f"{dst}{ours}.bias"] = same(weights[f"{src}{theirs}.bias"])
+    return cfg, sd
 
 
 def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -207,26 +230,28 @@ def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> tuple[dic
     return hf, {k: v.contiguous() for k, v in out.items()}
 
 
-def read_hf_weights(path: PathLike) -> dict[str, torch.Tensor]:
+def read_hf_weights(path: PathLike, lazy: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of an HF directory: safetensors (single or sharded), else ``pytorch_model.bin``.
 
     The pickle is read with ``torch.load(weights_only=True)``: a file that would run code on
-    load is refused with an error instead.
+    load is refused with an error instead. ``lazy``: safetensors tensors are :class:`LazyTensor` s
+    (read on ``load()``), the pickle's are memory-mapped.
     """
     path = Path(path)
+    read = (lambda file: SafetensorsFile(file).tensors) if lazy else (lambda file: load_file(str(file)))
     if (path / SAFETENSORS_FILE).is_file():
-        return load_file(str(path / SAFETENSORS_FILE))
+        return read(path / SAFETENSORS_FILE)
     if (path / SAFETENSORS_INDEX).is_file():
         index = json.loads((path / SAFETENSORS_INDEX).read_text())
         out: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index["weight_map"].values())):
             if Path(shard).name != shard:
                 raise ValueError(f"{path / SAFETENSORS_INDEX}: shard name {shard!r} must be a plain file name")
-            out.update(load_file(str(path / shard)))
+            out.update(read(path / shard))
         return out
     file = path / PICKLE_FILE
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=lazy)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no {' / '.join(WEIGHT_FILES)}") from None
     except Exception as e:  # UnpicklingError for a payload; torch wraps it with advice we do not want followed
@@ -253,17 +278,30 @@ def read_hf_palette(path: PathLike) -> Optional[np.ndarray]:
     return palette
 
 
+def _read_hf_config(path: Path) -> dict:
+    try:
+        return json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
+
+
 def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu", bias: Optional[bool] = None
             ) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[np.ndarray], dict]:
     """(config, full state dict, palette or None, HF config dict) of an ImageGPT directory."""
     path = Path(path)
-    try:
-        hf = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
+    hf = _read_hf_config(path)
     weights = read_hf_weights(path)
     cfg, sd = state_dict_from_hf(hf, weights, bias=bias, source=str(path))
     sd = {k: v.to(device) for k, v in sd.items()}
+    return cfg, sd, read_hf_palette(path), hf
+
+
+def open_hf(path: PathLike, bias: Optional[bool] = None
+            ) -> tuple[ModelConfig, dict[str, DerivedTensor], Optional[np.ndarray], dict]:
+    """Like :func:`load_hf`, but each tensor is read and converted when its ``load()`` is called."""
+    path = Path(path)
+    hf = _read_hf_config(path)
+    cfg, sd = lazy_state_dict_from_hf(hf, read_hf_weights(path, lazy=True), bias=bias, source=str(path))
     return cfg, sd, read_hf_palette(path), hf
 
 

@@ -7,12 +7,18 @@ storage entry, offset, shape and dtype, and :meth:`LazyTensor.read` reads just t
 elements asked for (``os.pread`` at the entry's offset in the file). So assembling one parameter
 from the flat ZeRO partitions of 64 ranks costs that parameter's bytes, not 64 files' worth.
 
+:class:`SafetensorsFile` does the same for a safetensors file (the consolidated export's and HF's
+weights): its header is parsed, each tensor is a :class:`LazyTensor` read with ``os.pread`` (no
+mmap, so a reader's resident memory is the tensors it holds). :class:`DerivedTensor` is a tensor
+computed from such reads on demand (a transpose, a row range); :func:`materialize` reads either.
+
 The objects in DeepSpeed's files (its enums, loss scaler, fragment addresses) are unpickled as
 ``torch.load(weights_only=False)`` would, which is how DeepSpeed itself reads them: open only
 checkpoints you trust.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -20,7 +26,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -39,6 +45,7 @@ class _Storage:
     key: str
     dtype: torch.dtype
     numel: int
+    start: int = 0  # byte offset of its data in a SafetensorsFile's data section
 
 
 @dataclass
@@ -216,3 +223,117 @@ class TorchFile:
             self.close()
         except Exception:
             pass
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One safetensors file, opened lazily: ``SafetensorsFile(path).tensors`` maps names to LazyTensors."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        try:
+            self.size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointFileError(f"{self.path}: missing") from None
+        self._fd: Optional[int] = os.open(self.path, os.O_RDONLY)
+        try:
+            (length,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if length > self.size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {self.size}")
+            header = json.loads(os.pread(self._fd, length, 8))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            self.close()
+            raise CheckpointFileError(f"{self.path}: not a readable safetensors file ({e})") from None
+        self._base = 8 + length
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, LazyTensor] = {}
+        for name, entry in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                self.close()
+                raise CheckpointFileError(f"{self.path}: tensor {name} has dtype {entry.get('dtype')!r}, not one of "
+                                          f"{sorted(_SAFETENSORS_DTYPES)}")
+            shape = tuple(int(x) for x in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            numel = (end - start) // itemsize
+            stride, expected = [], 1
+            for size in reversed(shape):
+                stride.insert(0, expected)
+                expected *= size
+            if end - start != expected * itemsize or self._base + end > self.size:
+                self.close()
+                raise CheckpointFileError(f"{self.path}: tensor {name} {shape} does not fit its data offsets "
+                                          f"[{start}, {end}) (file of {self.size} bytes: truncated?)")
+            storage = _Storage(self, name, dtype, numel, start)
+            self.tensors[name] = LazyTensor(storage, 0, shape, tuple(stride))
+
+    def read_elements(self, storage: _Storage, start: int, numel: int) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        if start + numel > storage.numel:
+            raise CheckpointFileError(f"{self.path}: a read reaches past tensor {storage.key}")
+        return _pread_tensor(self._fd, self._base + storage.start + start * itemsize, numel, storage.dtype,
+                             f"{self.path}: truncated inside tensor {storage.key}")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _pread_tensor(fd: int, offset: int, numel: int, dtype: torch.dtype, truncated: str) -> torch.Tensor:
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    buffer = bytearray(nbytes)
+    view, pos = memoryview(buffer), 0
+    while pos < nbytes:
+        got = os.preadv(fd, [view[pos:]], offset + pos)
+        if got <= 0:
+            raise CheckpointFileError(truncated)
+        pos += got
+    return torch.frombuffer(buffer, dtype=dtype)
+
+
+@dataclass
+class DerivedTensor:
+    """A tensor made on demand (``make()``) from lazily read ones; its shape and dtype are known before."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    def load(self) -> torch.Tensor:
+        t = self.make()
+        if tuple(t.shape) != tuple(self.shape) or t.dtype != self.dtype:
+            raise ValueError(f"a derived tensor gave {tuple(t.shape)} {t.dtype}, it promised {self.shape} {self.dtype}")
+        return t
+
+
+def materialize(t) -> torch.Tensor:
+    """The tensor itself, for a tensor; read (whole, with its shape) for a LazyTensor or DerivedTensor."""
+    return t if isinstance(t, torch.Tensor) else t.load()
+
+
+def rows(t, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` (first dimension) of a tensor or lazy tensor, reading only them when it can."""
+    if isinstance(t, LazyTensor) and t.is_contiguous() and t.shape:
+        row = t.numel() // t.shape[0] if t.shape[0] else 0
+        return t.read(start * row, (stop - start) * row).view((stop - start, *t.shape[1:]))
+    return materialize(t)[start:stop].clone()

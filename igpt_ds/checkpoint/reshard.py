@@ -30,6 +30,7 @@ from igpt_ds.checkpoint.atomic import atomic_directory
 from igpt_ds.checkpoint.consolidated import save_consolidated_stream
 from igpt_ds.checkpoint.deepspeed_files import DeepSpeedCheckpoint
 from igpt_ds.checkpoint.engine_state import create_adam_state, inner_optimizer, set_full
+from igpt_ds.checkpoint.lazy_torch import DerivedTensor
 from igpt_ds.checkpoint.run import META_FILE, checkpoint_meta, find_checkpoint, write_checkpoint
 from igpt_ds.config import ModelConfig
 from igpt_ds.model.pipeline import model_param_names
@@ -72,6 +73,16 @@ def load_deepspeed(path: PathLike, device: Union[str, torch.device] = "cpu", wei
         ckpt.close()
     palette = checkpoint_palette(ckpt.root, ckpt.meta, ckpt.dir / META_FILE)
     return ckpt.config, sd, palette, {**ckpt.meta, "weights": weights}
+
+
+def open_deepspeed(path: PathLike) -> tuple[ModelConfig, dict[str, DerivedTensor], Optional[np.ndarray], dict]:
+    """Like :func:`load_deepspeed` (fp32 masters), but each full tensor is assembled from the files when
+    its ``load()`` is called; the checkpoint's files stay open while the tensors are referenced."""
+    ckpt = DeepSpeedCheckpoint(path)
+    sd = {name: DerivedTensor(ckpt.full_shape(name), torch.float32,
+                              lambda name=name: ckpt.tensor(name, "master").float()) for name in ckpt.names()}
+    palette = checkpoint_palette(ckpt.root, ckpt.meta, ckpt.dir / META_FILE)
+    return ckpt.config, sd, palette, {**ckpt.meta, "weights": "master"}
 
 
 def export_deepspeed(src: PathLike, dst: PathLike, weights: str = "master", dtype: torch.dtype = torch.float32,

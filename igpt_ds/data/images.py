@@ -15,6 +15,7 @@ batches, all TP/PP ranks of a replica get the same ones. A sample's augmentation
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Optional
 
 import numpy as np
@@ -71,26 +72,62 @@ def source_labels(source: ImageSource) -> np.ndarray:
 
 
 class _EpochBatches(Dataset):
-    """Batch ``b`` of one DP rank's epoch plan: read, augment, quantize (runs in a DataLoader worker)."""
+    """Batch ``(epoch, b)`` of one DP rank's plan: read, augment, quantize (runs in a DataLoader worker).
 
-    def __init__(self, loader: "ImageLoader", epoch: int, plan: np.ndarray, valid: np.ndarray):
-        self.loader, self.epoch, self.plan, self.valid = loader, epoch, plan, valid
+    One object per loader, in persistent workers; the sampler (in the main process) names the epoch
+    with each batch, and a worker computes an epoch's plan once, when it first sees that epoch.
+    """
+
+    def __init__(self, loader: "ImageLoader"):
+        self.source, self.palette, self.resolution = loader.source, loader.palette, loader.resolution
+        self.augment, self.seed = loader.augment, loader.seed
+        self.plan_of = functools.partial(epoch_plan, len(loader.source), loader.dp_rank, loader.dp_world_size,
+                                         loader.batch_size, loader.batches_per_epoch, loader.seed, loader.shuffle)
+        self._epoch, self._plan = None, None
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, b = key
+        if epoch != self._epoch:
+            self._epoch, self._plan = epoch, self.plan_of(epoch)
+        plan, valid = self._plan
+        views, labels, keys = [], [], []
+        for index in plan[b].tolist():
+            image, label = self.source[index]
+            rng = np.random.default_rng([self.seed, epoch, index]) if self.augment != "none" else None
+            views.append(augment_view(image, self.resolution, self.augment, rng))
+            labels.append(label)
+            keys.append(self.source.key(index))
+        tokens = quantize(np.stack(views), self.palette, device="cpu")
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.tensor(labels, dtype=torch.long),
+                "valid": torch.from_numpy(valid[b].copy()), "keys": keys}
+
+
+class _Positions:
+    """The sampler: ``(epoch, b)`` for the batches of the current pass, set by the loader before it."""
+
+    def __init__(self):
+        self.epoch, self.start, self.stop = 0, 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, b) for b in range(self.start, self.stop)])
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return self.stop - self.start
 
-    def __getitem__(self, b: int) -> dict:
-        ld = self.loader
-        views, labels, keys = [], [], []
-        for index in self.plan[b].tolist():
-            image, label = ld.source[index]
-            rng = np.random.default_rng([ld.seed, self.epoch, index]) if ld.augment != "none" else None
-            views.append(augment_view(image, ld.resolution, ld.augment, rng))
-            labels.append(label)
-            keys.append(ld.source.key(index))
-        tokens = quantize(np.stack(views), ld.palette, device="cpu")
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.tensor(labels, dtype=torch.long),
-                "valid": torch.from_numpy(self.valid[b].copy()), "keys": keys}
+
+def epoch_plan(n: int, dp_rank: int, dp_world_size: int, batch_size: int, batches_per_epoch: int, seed: int,
+               shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (batches, B), valid (batches, B)) of DP rank ``dp_rank`` in ``epoch`` (see :class:`ImageLoader`)."""
+    d, b = dp_world_size, batch_size
+    order = np.random.default_rng([seed, epoch, 0x46_54]).permutation(n) if shuffle else np.arange(n)
+    total = batches_per_epoch * d * b
+    valid = np.arange(total) < n
+    if total > n:  # evaluation: pad with repeats that carry no weight
+        order = np.concatenate([order, np.resize(order, total - n)])
+    # Round k takes the next d * b samples; DP rank r the r-th b of them. A global batch (all
+    # ranks, all accumulation steps) is therefore the same set of images at any DP size.
+    pick = lambda a: a[:total].reshape(batches_per_epoch, d, b)[:, dp_rank]  # noqa: E731
+    return pick(order), pick(valid)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -106,12 +143,15 @@ class ImageLoader:
     ``drop_last=True`` (training): only whole rounds. ``drop_last=False`` (evaluation): every
     sample once; the last round is padded by repeating samples with ``valid=False``, so all ranks
     still yield ``batches_per_epoch`` batches of ``batch_size``.
-    ``epochs=None`` runs forever; ``state_dict``/``load_state_dict`` resume mid-epoch.
+    ``epochs=None`` runs forever; ``state_dict``/``load_state_dict`` resume mid-epoch. The
+    ``num_workers`` processes persist across epochs and passes; ``pin_memory`` (default: when CUDA
+    is available) pins the batches for asynchronous copies.
     """
 
     def __init__(self, source: ImageSource, palette: np.ndarray, resolution: int, *, batch_size: int,
                  dp_rank: int, dp_world_size: int, augment: str = "none", seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, num_workers: int = 2, epochs: Optional[int] = None):
+                 drop_last: bool = True, num_workers: int = 2, epochs: Optional[int] = None,
+                 pin_memory: Optional[bool] = None):
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment={augment!r}: choose one of {AUGMENTATIONS}")
         if not 0 <= dp_rank < dp_world_size:
@@ -128,6 +168,10 @@ class ImageLoader:
             raise ValueError(f"{source.name}: {n} images do not make one batch of {b} on each of {d} DP ranks; "
                              f"lower the batch size (DeepSpeed config) or add images")
         self.epoch, self.batch = 0, 0
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._loader: Optional[DataLoader] = None
+        self._positions: Optional[_Positions] = None
+        self._passes = 0
 
     @property
     def num_samples(self) -> int:
@@ -135,29 +179,37 @@ class ImageLoader:
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices (batches, B), valid (batches, B)) of this DP rank in ``epoch``."""
-        n, d, b = len(self.source), self.dp_world_size, self.batch_size
-        order = np.random.default_rng([self.seed, epoch, 0x46_54]).permutation(n) if self.shuffle else np.arange(n)
-        total = self.batches_per_epoch * d * b
-        valid = np.arange(total) < n
-        if total > n:  # evaluation: pad with repeats that carry no weight
-            order = np.concatenate([order, np.resize(order, total - n)])
-        # Round k takes the next d * b samples; DP rank r the r-th b of them. A global batch (all
-        # ranks, all accumulation steps) is therefore the same set of images at any DP size.
-        pick = lambda a: a[:total].reshape(self.batches_per_epoch, d, b)[:, self.dp_rank]  # noqa: E731
-        return pick(order), pick(valid)
+        return epoch_plan(len(self.source), self.dp_rank, self.dp_world_size, self.batch_size,
+                          self.batches_per_epoch, self.seed, self.shuffle, epoch)
+
+    def _data_loader(self) -> DataLoader:
+        """The loader's one DataLoader: its workers persist across epochs (and across passes)."""
+        if self._loader is None:
+            self._positions = _Positions()
+            self._loader = DataLoader(_EpochBatches(self), batch_size=None, sampler=self._positions,
+                                      num_workers=self.num_workers, worker_init_fn=_worker_init,
+                                      pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return self._loader
 
     def __iter__(self) -> Iterator[dict]:
+        self._passes += 1
+        this_pass = self._passes
         while self.epochs is None or self.epoch < self.epochs:
             if self.batch < self.batches_per_epoch:
-                plan, valid = self.epoch_plan(self.epoch)
-                data = _EpochBatches(self, self.epoch, plan, valid)
-                loader = DataLoader(data, batch_size=None, sampler=range(self.batch, self.batches_per_epoch),
-                                    num_workers=self.num_workers, worker_init_fn=_worker_init,
-                                    persistent_workers=False)
+                loader = self._data_loader()
+                self._positions.epoch, self._positions.start = self.epoch, self.batch
+                self._positions.stop = self.batches_per_epoch
                 for batch in loader:
                     self.batch += 1
                     yield batch
+                    if this_pass != self._passes:  # the shared DataLoader now serves a newer pass
+                        raise RuntimeError("this ImageLoader was iterated again while an earlier iteration "
+                                           "was still in use; iterate one loader from one place at a time")
             self.epoch, self.batch = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start at the beginning of ``epoch``."""
+        self.epoch, self.batch = epoch, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "batch_size": self.batch_size,

@@ -26,6 +26,10 @@ epoch plan and each worker skips the batches it had already produced (worker w p
 with index < k and index = w mod W), so the epoch continues where it stopped. It needs the same
 seed, batch size, DP size and worker count; load_state_dict refuses a mismatch.
 
+Workers: one DataLoader per loader with persistent workers, started at the first batch and kept
+for every later epoch and pass; each pass tells them its (epoch, skip) through shared memory, so
+what an epoch serves is exactly what a fresh DataLoader for that epoch would serve.
+
 Sources: a shard directory (or its dataset.json), a list of them, or shard URLs/brace patterns
 (``/data/train-{000000..000099}.tar``, ``pipe:aws s3 cp s3://b/train-000000.tar -``) with a
 ``manifest=`` giving their sample counts (a local pattern finds the dataset.json beside it).
@@ -243,29 +247,39 @@ def _decode(url: str, sample: dict, seq_len: int, vocab_size: int) -> tuple[str,
 
 
 class _EpochStream(IterableDataset):
-    """Batches of one epoch for one DP rank; each DataLoader worker reads its own part."""
+    """Batches of one epoch for one DP rank; each DataLoader worker reads its own part.
 
-    def __init__(self, loader: "TokenLoader", epoch: int, skip_batches: int):
+    One object per loader, in persistent DataLoader workers: which epoch, and how many of its
+    batches to skip, is read from ``position`` (shared memory the loader sets before each pass)
+    when a pass starts, so the workers live across epochs while every epoch is planned as before.
+    """
+
+    def __init__(self, loader: "TokenLoader"):
         self.shards, self.layout = loader.shards, loader.layout
         self.dp_rank, self.num_workers = loader.dp_rank, max(1, loader.num_workers)
         self.seed, self.shuffle, self.shuffle_buffer = loader.seed, loader.shuffle, loader.shuffle_buffer
         self.seq_len, self.vocab_size = loader.seq_len, loader.vocab_size
-        self.epoch, self.skip_batches = epoch, skip_batches
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches to skip]
 
     def __iter__(self):
+        # Read now (the DataLoader calls iter() when a pass starts), not at the generator's first step.
+        epoch, skip_batches = (int(v) for v in self.position.tolist())
+        return self._batches(epoch, skip_batches)
+
+    def _batches(self, epoch: int, skip_batches: int):
         info = get_worker_info()
         # The DataLoader asks worker 0 first; after resuming at batch k the next batch belongs to
         # worker k mod W, so DataLoader worker i plays the role of worker (i + k) mod W.
-        worker = ((info.id if info is not None else 0) + self.skip_batches) % self.num_workers
+        worker = ((info.id if info is not None else 0) + skip_batches) % self.num_workers
         start, stop = self.layout.worker_range(self.dp_rank, worker, self.num_workers)
-        segments = epoch_segments([s.samples for s in self.shards], self.epoch, self.seed, self.shuffle, start, stop)
+        segments = epoch_segments([s.samples for s in self.shards], epoch, self.seed, self.shuffle, start, stop)
         samples = (s for shard, first, end in segments
                    for s in read_shard(self.shards[shard], first, end, self.seq_len, self.vocab_size))
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = np.random.default_rng([self.seed, self.epoch, self.dp_rank, worker])
+            rng = np.random.default_rng([self.seed, epoch, self.dp_rank, worker])
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         # This worker made batches worker, worker + W, ... : skip those before the resume point.
-        skip = max(0, -(-(self.skip_batches - worker) // self.num_workers))
+        skip = max(0, -(-(skip_batches - worker) // self.num_workers))
         batch: list = []
         made = 0
         for sample in samples:
@@ -313,7 +327,7 @@ class TokenLoader:
     def __init__(self, shards: Sequence[ShardSpec], manifests: Sequence[Manifest], *, batch_size: int,
                  dp_rank: int, dp_world_size: int, num_workers: int = 2, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 2000, epochs: Optional[int] = None, drop_last: bool = True,
-                 vocab_size: int = NUM_COLORS, pin_memory: bool = False):
+                 vocab_size: int = NUM_COLORS, pin_memory: Optional[bool] = None):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_world_size={dp_world_size})")
         if batch_size < 1 or num_workers < 0:
@@ -329,7 +343,12 @@ class TokenLoader:
         self.batch_size, self.dp_rank, self.dp_world_size = batch_size, dp_rank, dp_world_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.shuffle_buffer, self.epochs, self.drop_last = shuffle_buffer, epochs, drop_last
-        self.vocab_size, self.pin_memory = vocab_size, pin_memory
+        # Pinned host batches make the trainer's .to(device, non_blocking=True) an asynchronous copy.
+        self.vocab_size = vocab_size
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._loader: Optional[DataLoader] = None
+        self._stream: Optional[_EpochStream] = None
+        self._passes = 0
         self.layout = EpochLayout(sum(s.samples for s in self.shards), dp_world_size, batch_size, drop_last)
         if self.layout.batches_per_epoch == 0:
             raise ValueError(f"{self.num_samples} samples do not make one batch of {batch_size} on each of "
@@ -351,16 +370,29 @@ class TokenLoader:
             raise TypeError("an endless loader (epochs=None) has no length; use batches_per_epoch")
         return self.epochs * self.batches_per_epoch
 
+    def _data_loader(self) -> DataLoader:
+        """The loader's one DataLoader: its workers persist across epochs (and across passes)."""
+        if self._loader is None:
+            self._stream = _EpochStream(self)
+            # worker_init: the job's SIGTERM/SIGUSR1 go to the trainer instead of killing a worker
+            self._loader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory, worker_init_fn=signals.worker_init,
+                                      persistent_workers=self.num_workers > 0)
+        return self._loader
+
     def __iter__(self) -> Iterator[dict]:
+        self._passes += 1
+        this_pass = self._passes
         while self.epochs is None or self.epoch < self.epochs:
             if self.batch < self.batches_per_epoch:
-                stream = _EpochStream(self, self.epoch, self.batch)
-                # worker_init: the job's SIGTERM/SIGUSR1 go to the trainer instead of killing a worker
-                loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                    pin_memory=self.pin_memory, worker_init_fn=signals.worker_init)
-                for batch in loader:
+                loader = self._data_loader()
+                self._stream.position[0], self._stream.position[1] = self.epoch, self.batch
+                for batch in loader:  # a new pass over the same workers (they re-read the position)
                     self.batch += 1
                     yield batch
+                    if this_pass != self._passes:  # the shared DataLoader now serves a newer pass
+                        raise RuntimeError("this TokenLoader was iterated again while an earlier iteration "
+                                           "was still in use; iterate one loader from one place at a time")
                 if self.batch != self.batches_per_epoch:  # would desynchronise DP ranks: never silent
                     raise RuntimeError(f"epoch {self.epoch} gave {self.batch} batches, "
                                        f"planned {self.batches_per_epoch}")
@@ -403,7 +435,7 @@ def build_loader(source: Source, *, batch_size: int, dp_rank: int, dp_world_size
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 2000, epochs: Optional[int] = None,
                  expected_palette_sha256: Optional[str] = None, expected_resolution: Optional[int] = None,
                  drop_last: bool = True, manifest: Optional[str] = None, vocab_size: int = NUM_COLORS,
-                 pin_memory: bool = False) -> TokenLoader:
+                 pin_memory: Optional[bool] = None) -> TokenLoader:
     """A :class:`TokenLoader` over ``source`` for DP replica ``dp_rank`` of ``dp_world_size``.
 
     ``source``: a shard directory / dataset.json, a list of them, or shard URLs / brace patterns
@@ -411,6 +443,8 @@ def build_loader(source: Source, *, batch_size: int, dp_rank: int, dp_world_size
     ``dp_rank`` / ``dp_world_size`` are the DATA-parallel coordinates (ParallelState.dp_rank),
     never the global rank. Every manifest is checked against ``expected_palette_sha256`` and
     ``expected_resolution`` when given. ``shuffle=False`` reads in shard order (evaluation).
+    ``num_workers`` processes start at the first batch and serve every later epoch (persistent);
+    ``pin_memory`` (default: when CUDA is available) pins the batches for asynchronous copies.
     """
     shards, manifests = resolve_source(source, manifest)
     for m in manifests:

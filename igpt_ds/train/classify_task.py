@@ -15,6 +15,7 @@ the modal prediction (:mod:`igpt_ds.evaluate.classifier`). Outputs under ``--sav
 from __future__ import annotations
 
 import functools
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -36,16 +37,18 @@ from igpt_ds.model.classifier import CLF_PARAMS, IGPTClassifier, split_pretraine
 from igpt_ds.model.losses import RunningStats, bert_mask, bert_mask_seed, finetune_loss
 from igpt_ds.model.pipeline import ClassifierHeadPipe, PipelineFinetuneLoss, model_param_names
 from igpt_ds.palette import load_palette, palette_sha256
-from igpt_ds.parallel.weights import gather_full, load_full, merge_stages
+from igpt_ds.parallel.weights import gather_full, load_full, merge_stages, placeholders, tensor_specs
 from igpt_ds.train.engine import WarmupCosine, build_model
 
 BEST_LINK = "best"
 
 
-def read_init(path: str) -> tuple[ModelConfig, dict, Optional[np.ndarray], dict]:
+def read_init(path: str, lazy: bool = False) -> tuple[ModelConfig, dict, Optional[np.ndarray], dict]:
     """(config, full weights, palette, metadata) of any checkpoint ``detect_format`` reads; a fine-tuned
-    export's ``clf.*`` are kept (the backbone is checked against the config, the head by the caller)."""
-    cfg, sd, palette, meta = detect_format(path).read(path, device="cpu")
+    export's ``clf.*`` are kept (the backbone is checked against the config, the head by the caller).
+    ``lazy``: the weights are lazy tensors (``load()`` reads one; :mod:`igpt_ds.checkpoint.lazy_torch`)."""
+    fmt = detect_format(path)
+    cfg, sd, palette, meta = fmt.open(path) if lazy and fmt.open else fmt.read(path, device="cpu")
     backbone, head = split_pretrained(sd)
     check_state_dict(cfg, backbone, source=str(path))
     return cfg, {**backbone, **head}, palette, (meta if isinstance(meta, dict) else {})
@@ -90,6 +93,7 @@ class ClassifyTask:
         self.pipe_loss: Optional[PipelineFinetuneLoss] = None
         self.stats = RunningStats(PipelineFinetuneLoss.STATS)  # replaced by the pipeline loss's own
         self.init_weights: Optional[dict] = None
+        self.val_loader = None
 
     # ---- set-up: the pretrained model, the palette, the data -------------------------------------
     def setup(self, loop) -> ModelConfig:
@@ -137,11 +141,29 @@ class ClassifyTask:
             raise ValueError(f"--bert-masks {self.args.bert_masks} must be >= 1")
 
     def _read_init(self, loop, path: str):
-        if detect_format(path).name != "deepspeed":  # cheap; a clear error for a directory of another kind
-            return read_init(path)
-        box = [read_init(path) if loop.is_rank0 else None]  # consolidation spawns the checkpoint's ranks
+        """--init on rank 0 only: its tensors stay in the file until :meth:`build_model` broadcasts them
+        one at a time; the other ranks get the names, shapes and dtypes (:func:`placeholders`)."""
+        detect_format(path)  # cheap, on every rank: a clear error for a directory of another kind
+        if dist.get_world_size() == 1:
+            return read_init(path, lazy=True)
+        box, error = [None], None
+        if loop.is_rank0:
+            try:
+                cfg, weights, palette, meta = read_init(path, lazy=True)
+                box = [(cfg, tensor_specs(weights), palette, meta)]
+            except Exception as e:  # every rank fails with it, none waits for rank 0
+                error = e
+                try:
+                    box = [pickle.loads(pickle.dumps(e))]
+                except Exception:
+                    box = [RuntimeError(f"rank 0: {type(e).__name__}: {e}")]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        if error is not None:
+            raise error
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        cfg, specs, palette, meta = box[0]
+        return cfg, (weights if loop.is_rank0 else placeholders(specs, 0)), palette, meta
 
     def _palette(self, from_checkpoint: Optional[np.ndarray]) -> Optional[np.ndarray]:
         if self.args.palette:
@@ -210,10 +232,11 @@ class ClassifyTask:
             module.check_inputs = False  # the loaders produce palette ids by construction
         if self.init_weights is not None:
             # clf.* keep their zero init unless --init has them (a fine-tuned export).
+            # Rank 0 reads each tensor and broadcasts it; every rank keeps its shard (ZeRO-3: per module).
             load_full(module, self.init_weights, loop.state.tp_rank, tp,
                       name_of=model_param_names(self.cfg.n_layer, loop.pipelined), optional=CLF_PARAMS,
-                      source=f"--init {self.args.init}")
-            self.init_weights = None  # the engine holds them now
+                      source=f"--init {self.args.init}", src=0, device=loop.device)
+            self.init_weights = None  # the engine holds them now (and rank 0's file handles close)
         return module
 
     def full_state_dict(self, loop) -> dict:
@@ -227,13 +250,14 @@ class ClassifyTask:
 
     # ---- steps ----------------------------------------------------------------------------------
     def _batch(self, loop, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = batch["tokens"].to(loop.device, non_blocking=True)
-        labels = batch["labels"].to(loop.device, non_blocking=True)
-        valid = batch.get("valid", torch.ones(len(labels), dtype=torch.bool)).to(loop.device)
+        labels = batch["labels"]  # checked on the host, before the copy: no device sync per batch
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
             raise ValueError(f"a batch holds label {bad} outside 0..{self.num_classes - 1} "
                              f"(keys {batch['keys'][:3]}...)")
+        tokens = batch["tokens"].to(loop.device, non_blocking=True)
+        labels = labels.to(loop.device, non_blocking=True)
+        valid = batch.get("valid", torch.ones(len(labels), dtype=torch.bool)).to(loop.device, non_blocking=True)
         return tokens, labels, valid
 
     def _train_mask(self, loop, shape, micro: int) -> Optional[torch.Tensor]:
@@ -275,8 +299,13 @@ class ClassifyTask:
         if self.val_source is None:
             return {}
         loop.engine.eval()
-        loader = self.loader(loop, train=False) if loop.reads_data else None
-        stats = torch.zeros(2, dtype=torch.float64)  # correct, count
+        loader = None
+        if loop.reads_data:  # one validation loader: its workers persist from one evaluation to the next
+            if self.val_loader is None:
+                self.val_loader = self.loader(loop, train=False)
+            loader = self.val_loader
+            loader.set_epoch(0)
+        stats = torch.zeros(2, dtype=torch.float64, device=loop.device)  # correct, count: summed on the device
         bert = self.cfg.objective == "bert"
         k = self.args.bert_masks if bert else 1
         for b, batch in enumerate(loop.eval_batches(loader)):
@@ -301,7 +330,7 @@ class ClassifyTask:
                 if not (loop.is_last_stage and loop.state.tp_rank == 0):
                     continue  # one contribution per DP replica, from its last stage
                 preds = modal_prediction(outs, self.args.seed, b) if bert else outs[0].argmax(-1)
-            stats += torch.tensor([float(((preds == labels) & valid).sum()), float(valid.sum())], dtype=torch.float64)
+            stats += torch.stack([((preds == labels) & valid).sum(), valid.sum()]).to(stats)
         if loop.pipelined:
             dist.all_reduce(stats)
         elif loop.layout.data_parallel > 1:
