@@ -23,6 +23,7 @@ from igpt_ds.checkpoint import hf
 from igpt_ds.checkpoint import reshard as ds_checkpoint
 from igpt_ds.checkpoint.run import find_checkpoint
 from igpt_ds.config import ModelConfig
+from igpt_ds.model.compile import prefer_fast_attention
 from igpt_ds.model.transformer import IGPTModel
 from igpt_ds.parallel.weights import load_full_state_dict
 
@@ -161,6 +162,7 @@ def load_pretrained(path: PathLike, device: Union[str, torch.device] = "cpu",
     model = IGPTModel(config)
     load_full_state_dict(model, sd)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    prefer_fast_attention(torch.device(device))  # sampling and features: cuDNN, then Flash attention on sm90
     return model.eval(), config, palette
 
 

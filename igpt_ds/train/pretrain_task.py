@@ -34,6 +34,7 @@ class PretrainTask:
         self.palette = load_palette(args.palette) if args.palette else None
         self.palette_sha256: Optional[str] = None
         self.pipe_loss: Optional[PipelineLoss] = None
+        self.val_loader = None  # a shard loader kept between evaluations: its workers persist
         self.stats = RunningStats(PipelineLoss.STATS)  # replaced by the pipeline loss's own when pipelined
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -128,7 +129,15 @@ class PretrainTask:
         if not self.args.val_data:
             return {}
         loop.engine.eval()
-        loader = self.loader(loop, train=False) if loop.reads_data else None
+        loader = None
+        if loop.reads_data:
+            if self.val_loader is None:
+                loader = self.loader(loop, train=False)
+                if hasattr(loader, "set_epoch"):  # shard loaders; the synthetic one is made anew (no workers)
+                    self.val_loader = loader
+            else:
+                loader = self.val_loader
+                loader.set_epoch(0)  # every evaluation is the same pass over the same batches
         total, count = 0.0, 0
         for i, batch in enumerate(loop.eval_batches(loader, self.args.eval_batches)):
             item = None
