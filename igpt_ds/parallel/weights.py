@@ -221,11 +221,13 @@ def load_full(module: nn.Module, full: Mapping, tp_rank: int, tp_size: int,
 
 
 def gather_full(module: nn.Module, tp_group, tp_size: int, name_of: Callable[[str], str] = lambda name: name,
-                fp32_cpu: bool = True) -> dict[str, torch.Tensor]:
+                fp32_cpu: bool = True, keep: bool = True) -> dict[str, torch.Tensor]:
     """This rank's (stage's) parameters as full tensors under ``name_of`` names: fp32 on the CPU (an
     export), or with ``fp32_cpu=False`` in the parameters' own dtype and device. Collective over the
     ZeRO-3 and TP groups: every rank calls it and gets the same tensors within its stage. ZeRO-3
-    partitions are gathered one module at a time."""
+    partitions are gathered one module at a time. A rank with ``keep=False`` takes part in the
+    collectives and keeps nothing (an empty dict): an export needs the full copy on one rank only, and
+    at iGPT-XL that copy is 27 GB of host memory."""
     out = {}
     for unit in _per_module(module):
         with gathered(unit):
@@ -234,8 +236,11 @@ def gather_full(module: nn.Module, tp_group, tp_size: int, name_of: Callable[[st
                 if is_tp_sharded(p) and tp_size > 1:
                     parts = [torch.empty_like(t) for _ in range(tp_size)]
                     dist.all_gather(parts, t.contiguous(), group=tp_group)
+                    if not keep:
+                        continue
                     t = unshard(parts, p.partition_dim, p.partition_stride)
-                out[name_of(name)] = t.to("cpu", torch.float32).clone() if fp32_cpu else t.clone()
+                if keep:
+                    out[name_of(name)] = t.to("cpu", torch.float32).clone() if fp32_cpu else t.clone()
     return out
 
 

@@ -242,11 +242,13 @@ class ClassifyTask:
     def full_state_dict(self, loop) -> dict:
         """Full (TP = 1) weights under the plain model's names, on rank 0 (empty elsewhere). Collective."""
         state = loop.state
+        writer = state.dp_rank == 0 and state.tp_rank == 0  # pipelined, each stage's writer sends its layers
+        keep = writer if loop.pipelined else loop.is_rank0  # the other ranks hold no full copy
         stage = gather_full(loop.engine.module, state.tp_group, loop.layout.tensor_parallel,
-                            model_param_names(self.cfg.n_layer, loop.pipelined))
-        if loop.pipelined:  # every stage's (DP 0, TP 0) rank contributes its layers
-            return merge_stages(stage, state.dp_rank == 0 and state.tp_rank == 0)
-        return stage if loop.is_rank0 else {}
+                            model_param_names(self.cfg.n_layer, loop.pipelined), keep=keep)
+        if loop.pipelined:
+            return merge_stages(stage, writer)
+        return stage
 
     # ---- steps ----------------------------------------------------------------------------------
     def _batch(self, loop, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
