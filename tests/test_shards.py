@@ -149,3 +149,25 @@ def test_build_shards_cli_with_held_out_split(tmp_path):
     assert val.shards[0].name == "val-000000.tar" and train.data["build"]["args"]["val_fraction"] == 0.2
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "0 built, 2 kept" in rerun.stdout
+
+
+def test_held_out_split_is_centre_cropped_whatever_the_training_crop(tmp_path):
+    imgs, _ = npz_source(tmp_path, n=20, size=16)
+    save_palette(tmp_path / "palette.npy", palette())
+    cmd = [sys.executable, os.path.join(REPO, "tools", "build_shards.py"), "--data", str(tmp_path / "d.npz"),
+           "--palette", str(tmp_path / "palette.npy"), "--resolution", "8", "--out", str(tmp_path / "out"),
+           "--val-fraction", "0.25", "--crop", "random-resized", "--views", "3", "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "val: centre crops" in result.stdout
+    train, val = read_manifest(tmp_path / "out" / "train"), read_manifest(tmp_path / "out" / "val")
+    assert train.data["build"]["crop"] == "random-resized" and train.num_samples == 15 * 3
+    assert val.data["build"]["crop"] == "center" and val.data["build"]["views"] == 1 and val.num_samples == 5
+    # the val tokens are the centre crops of their images (a key names the source index: d_<index>_v<view>)
+    samples = read_tar(tmp_path / "out" / "val" / val.shards[0].name)
+    assert len(samples) == 5
+    for key, sample in samples.items():
+        index = int(key.split("_")[1])
+        tokens = np.frombuffer(sample["tokens"], dtype="<u2")
+        want = quantize(resize_view(imgs[index], 8, "center")[None], palette())[0]
+        assert np.array_equal(tokens, np.asarray(want).reshape(-1)), key

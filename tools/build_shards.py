@@ -10,7 +10,8 @@ quantized with the palette, and written as one sample per view: <key>.tokens (li
 uint16, raster order) and <key>.cls (label) in shards <split>-000000.tar, ... .
 
 --val-fraction F holds out F of the train images (the paper: 0.04): the shards then go to
-OUT/train/ and OUT/val/, each with its own dataset.json. Without it they go to OUT/.
+OUT/train/ and OUT/val/, each with its own dataset.json. Without it they go to OUT/. Held-out
+splits (val, test) are always centre-cropped, one view per image: --crop/--views apply to train.
 
 Interrupted? Run the same command again: finished shards are verified and kept, the rest built.
 Output is identical for a given --seed whatever --workers is.
@@ -27,6 +28,10 @@ quiet.install(sys.argv)  # before torch: third-party notices nobody can act on s
 from igpt_ds.data.shards import CROPS, BuildSettings, build_shards  # noqa: E402
 from igpt_ds.data.sources import open_source  # noqa: E402
 from igpt_ds.palette import load_palette  # noqa: E402
+
+
+# Splits that are evaluated, never trained on: always one centre crop per image, whatever --crop says.
+HELD_OUT = ("val", "test")
 
 
 def parse_args(argv=None):
@@ -66,8 +71,13 @@ def main(argv=None):
         jobs = [(args.split, args.out)]
     for split, out in jobs:
         source = open_source(args.data, split, val_fraction=args.val_fraction, split_seed=args.seed)
+        crop, views = args.crop, args.views
+        if split in HELD_OUT and crop != "center":
+            # evaluation sees each image once, as the model is judged: the augmentation is for training only
+            print(f"{split}: centre crops, one per image (--crop {crop} --views {views} apply to train only)")
+            crop, views = "center", 1
         settings = BuildSettings(resolution=args.resolution, shard_size=args.shard_size, seed=args.seed,
-                                 crop=args.crop, views=args.views, skip_bad=args.skip_bad, prefix=split)
+                                 crop=crop, views=views, skip_bad=args.skip_bad, prefix=split)
         info = {"args": vars(args), "palette_file": os.path.abspath(args.palette),
                 "tool": "tools/build_shards.py"}
         result = build_shards(source, out, palette, settings, workers=args.workers, device=args.device,
