@@ -392,7 +392,11 @@ igpt_pretrain() {
   fi
   if [[ -n "${LR:-}" ]]; then args+=(--lr "$LR"); fi
   if [[ -n "${RESOLUTION:-}" ]]; then args+=(--resolution "$RESOLUTION"); fi
-  if [[ -n "${TRAIN_STEPS:-}" ]]; then args+=(--train-steps "$TRAIN_STEPS"); fi
+  # the presets default TRAIN_STEPS to the paper's; --train-epochs among the extra arguments replaces it
+  # (the trainer would let --train-steps win)
+  local a epochs=""
+  for a in "$@"; do if [[ "$a" == --train-epochs* ]]; then epochs=1; fi; done
+  if [[ -n "${TRAIN_STEPS:-}" && -z "$epochs" ]]; then args+=(--train-steps "$TRAIN_STEPS"); fi
   if [[ -n "${WARMUP_STEPS:-}" ]]; then args+=(--warmup-steps "$WARMUP_STEPS"); fi
   if [[ "${ACTIVATION_CHECKPOINTING:-0}" == 1 ]]; then args+=(--activation-checkpointing); fi
   # resume: DeepSpeed writes SAVE/latest naming the newest checkpoint tag

@@ -430,3 +430,150 @@ def test_lr_search_end_to_end_with_fake_runs(tmp_path):
     assert result["best_lr"] == 3e-3
     assert [run["lr"] for run in result["runs"]] == [3e-2, 1e-2, 3e-3, 1e-3]
     assert result["runs"][0]["val_loss"] is None
+
+
+def test_lr_search_default_grid_is_the_papers():
+    """§3.4: "0.01, 0.003, 0.001, 0.0003, ...", from large to small."""
+    assert lr_search.PAPER_RATES[:4] == (1e-2, 3e-3, 1e-3, 3e-4)
+    assert list(lr_search.PAPER_RATES) == sorted(lr_search.PAPER_RATES, reverse=True)
+    assert all(0.29 < b / a < 0.34 for a, b in zip(lr_search.PAPER_RATES, lr_search.PAPER_RATES[1:]))
+
+
+@pytest.mark.parametrize("history, expected", [
+    ([(1e-3, -INF)], (False, None)),                                    # no val_acc yet: keep going down
+    ([(1e-3, 0.80), (3e-4, 0.85)], (False, 3e-4)),                       # still rising
+    ([(1e-3, 0.80), (3e-4, 0.85), (1e-4, 0.84)], (True, 3e-4)),          # fell: stop, keep the best
+    ([(1e-3, 0.80), (3e-4, 0.85), (1e-4, 0.85)], (True, 3e-4)),          # equal is not better
+    ([(1e-3, float("nan")), (3e-4, 0.6), (1e-4, 0.7)], (False, 1e-4)),
+])
+def test_lr_search_decision_on_accuracy(history, expected):
+    assert lr_search.decide(history, 1, maximize=True) == expected
+
+
+@pytest.mark.parametrize("metric, planted, tried, best", [
+    # pretraining: 1e-2 spikes, the loss falls to 1e-3 and rises at 3e-4; 1e-4 (lower still) is never run
+    ("val_loss", {1e-2: INF, 3e-3: 2.6, 1e-3: 2.5, 3e-4: 2.55, 1e-4: 2.4}, [1e-2, 3e-3, 1e-3, 3e-4], 1e-3),
+    # fine-tuning: accuracy rises to 1e-4 and falls at 3e-5; 1e-5 is never run
+    ("val_acc", {1e-3: -INF, 3e-4: 0.80, 1e-4: 0.85, 3e-5: 0.84, 1e-5: 0.90}, [1e-3, 3e-4, 1e-4, 3e-5], 1e-4),
+    # improving all the way down: every rate runs, the smallest wins
+    ("val_loss", {1e-2: 2.9, 3e-3: 2.7, 1e-3: 2.6}, [1e-2, 3e-3, 1e-3], 1e-3),
+])
+def test_lr_search_stops_where_the_paper_does(metric, planted, tried, best):
+    """Planted per-rate results through the search loop (no runs): the rates it tries and its choice."""
+    ran = []
+
+    def run_rate(rate):
+        ran.append(rate)
+        return planted[rate]
+
+    history, chosen, _ = lr_search.search(list(planted)[::-1], run_rate, maximize=lr_search.METRICS[metric])
+    assert ran == tried and [r for r, _ in history] == tried and chosen == best
+
+
+FAKE_FINETUNE = (
+    "import json, math, sys\n"
+    "lr, save = float(sys.argv[1]), sys.argv[2]\n"
+    "acc = 0.9 - 0.1 * abs(math.log10(lr / 1e-4))\n"
+    "with open(save + '/metrics.jsonl', 'w') as f:\n"
+    "    for step, a in ((10, acc - 0.05), (20, acc), (30, acc - 0.02)):\n"  # early stopping keeps the best
+    "        f.write(json.dumps({'step': step, 'clf_loss': 1.0, 'val_acc': a}) + '\\n')\n")
+
+
+def test_lr_search_fine_tuning_on_validation_accuracy(tmp_path):
+    fake = tmp_path / "fake_finetune.py"
+    fake.write_text(FAKE_FINETUNE)
+    out = tmp_path / "search"
+    r = subprocess.run([sys.executable, os.path.join(SLURM, "lr_search.py"), "--metric", "val_acc",
+                        "--command", f"{sys.executable} {fake} {{lr}} {{save}}", "--out", str(out),
+                        "--rates", "1e-3", "3e-4", "1e-4", "3e-5", "1e-5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((out / "lr_search.json").read_text())
+    assert result["metric"] == "val_acc" and result["best_lr"] == 1e-4
+    assert [run["lr"] for run in result["runs"]] == [1e-3, 3e-4, 1e-4, 3e-5]
+    assert result["runs"][2]["val_acc"] == pytest.approx(0.9)  # the best evaluation, not the last
+    assert "best learning rate: 0.0001" in r.stdout
+
+
+def test_lr_search_diverged_run_is_worst_and_a_failed_one_stops(tmp_path):
+    """Exit 3 (the trainer's divergence) scores worst whatever it logged before the spike; any other
+    failure stops the search, and the same command run again retries that rate."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(
+        "import json, os, sys\n"
+        "lr, save = float(sys.argv[1]), sys.argv[2]\n"
+        "loss = {0.01: 2.0, 0.003: 2.5, 0.001: 2.6}[lr]\n"
+        "open(save + '/metrics.jsonl', 'w').write(json.dumps({'step': 10, 'val_loss': loss}) + '\\n')\n"
+        "if lr == 0.01: sys.exit(3)\n"  # spiked after a good-looking evaluation
+        "if lr == 0.003 and os.environ.get('FAIL'): sys.exit(1)\n")
+    out = tmp_path / "search"
+    argv = [sys.executable, os.path.join(SLURM, "lr_search.py"), "--command",
+            f"{sys.executable} {fake} {{lr}} {{save}}", "--out", str(out), "--rates", "1e-2", "3e-3", "1e-3"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, "FAIL": "1"})
+    assert r.returncode == 3 and "not by divergence" in r.stderr, r.stdout + r.stderr
+    result = json.loads((out / "lr_search.json").read_text())
+    assert result["runs"] == [{"lr": 1e-2, "val_loss": None, "state": "FAILED (exit 3)"}]
+    assert result["stopped"].startswith("lr 0.003: the run ended FAILED (exit 1)")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "lr 0.01: finished before" in r.stdout and "lr 0.003: finished before" not in r.stdout
+    result = json.loads((out / "lr_search.json").read_text())
+    assert result["best_lr"] == 3e-3 and [run["val_loss"] for run in result["runs"]] == [None, 2.5, 2.6]
+
+
+def test_lr_search_dry_run_submits_the_paper_grid():
+    r = subprocess.run([sys.executable, os.path.join(SLURM, "lr_search.py"), "--dry-run",
+                        "--script", "slurm/pretrain_xl.sbatch", "--sbatch-args=--nodes=8", "--out", "runs/lrx"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("lr ")]
+    assert [line.split(":")[0] for line in lines] == [f"lr {x:g}" for x in lr_search.PAPER_RATES]
+    assert lines[0] == ("lr 0.01: LR=0.01 SAVE=runs/lrx/lr0.01 TRAIN_STEPS=5000 WARMUP_STEPS=500 "
+                        "sbatch --parsable --job-name=lr-0.01 --nodes=8 slurm/pretrain_xl.sbatch")
+    assert not os.path.exists(os.path.join(ROOT, "runs", "lrx"))
+    # accuracy scores fine-tuning runs: a pretraining script is refused with the way out
+    r = subprocess.run([sys.executable, os.path.join(SLURM, "lr_search.py"), "--dry-run", "--metric", "val_acc"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "logs no val_acc" in r.stderr and "finetune.py" in r.stderr
+
+
+@pytest.mark.parametrize("script, env, steps, lr", [
+    ("pretrain_s.sbatch", {}, 1000000, "3e-3"),
+    ("pretrain_s.sbatch", {"OBJECTIVE": "bert"}, 1000000, "1e-2"),  # Table 5: BERT iGPT-S 0.01
+    ("pretrain_m.sbatch", {"OBJECTIVE": "bert"}, 1000000, "3e-3"),
+    ("pretrain_l.sbatch", {"OBJECTIVE": "bert"}, 1000000, "1e-3"),
+    ("pretrain_l.sbatch", {}, 1000000, "1e-3"),
+    ("pretrain_xl.sbatch", {}, 2000000, "3e-4"),
+    ("pretrain_s.sbatch", {"OBJECTIVE": "bert", "LR": "5e-4", "TRAIN_STEPS": "5000"}, 5000, "5e-4"),  # overrides
+])
+def test_presets_default_to_the_papers_steps_and_rates(script, env, steps, lr):
+    r = dry_run(script, env)
+    assert r.returncode == 0, r.stderr
+    rows = [f"{line} " for line in r.stdout.splitlines() if RANK_LINE.match(line)]
+    assert rows and all(f" --train-steps {steps} " in row and f" --lr {lr} " in row for row in rows), rows[0]
+    assert all(f" --objective {env.get('OBJECTIVE', 'ar')} " in row for row in rows)
+
+
+def test_train_epochs_replaces_the_default_steps():
+    r = dry_run("pretrain_s.sbatch", args=["--train-epochs", "2"])
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if RANK_LINE.match(line)]
+    assert rows and all("--train-epochs 2" in row and "--train-steps" not in row for row in rows)
+
+
+@pytest.mark.parametrize("scontrol, sacct, code", [
+    ("JobId=7 JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0 DerivedExitCode=0:0", "", 3),
+    ("JobId=7 JobState=FAILED Reason=NonZeroExitCode DerivedExitCode=1:0 ExitCode=1:0", "", 1),
+    ("", "3:0\n", 3),                      # gone from the controller: accounting
+    ("", "", None),
+])
+def test_lr_search_reads_a_jobs_exit_status(monkeypatch, scontrol, sacct, code):
+    def run(cmd, **_):
+        out = scontrol if cmd[0] == "scontrol" else sacct
+        return subprocess.CompletedProcess(cmd, 0 if out else 1, out, "")
+
+    monkeypatch.setattr(lr_search.subprocess, "run", run)
+    assert lr_search.job_exit_code("7") == code
+    state = "FAILED"
+    assert lr_search.outcome(state, code) == ("diverged" if code == 3 else "failed")
+    assert lr_search.outcome("COMPLETED", None) == lr_search.outcome("UNKNOWN", None) == "completed"
