@@ -30,6 +30,35 @@ def test_quickstart_tiny_produces_every_output(tmp_path):
     assert n == json.loads((out / "probe.json").read_text())["num_test"] > 0
     assert summary["probe_standard_error"] == pytest.approx(math.sqrt(acc * (1 - acc) / n), abs=1e-6)
     assert f"Linear probe ({n} held-out images, standard error about" in proc.stdout and "raw pixels" in proc.stdout
+    # ... and whether the pretrained features beat raw pixels beyond noise
+    assert summary["gap_vs_raw_pixels"] == pytest.approx(acc - summary["raw_pixel_accuracy"])
+    assert isinstance(summary["gap_significant"], bool) and summary["gap_standard_error"] > 0
+    assert "Pretrained best layer vs raw pixels:" in proc.stdout
+
+
+def load_quickstart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "tools" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("probe_acc, raw_acc, significant", [
+    (0.45, 0.38, True),   # gap 7.0 points, SE of the gap sqrt(.45*.55/1000 + .38*.62/1000) = 2.19: 3.2 SE
+    (0.41, 0.38, False),  # gap 3.0 points, SE 2.18: 1.4 SE
+    (0.33, 0.38, False),  # below raw pixels
+])
+def test_summary_reports_the_gap_its_standard_error_and_the_verdict(probe_acc, raw_acc, significant):
+    quickstart = load_quickstart()
+    got = quickstart.compare_to_raw({"best_test_accuracy": probe_acc, "num_test": 1000},
+                                    {"best_test_accuracy": raw_acc, "num_test": 1000})
+    se = math.sqrt(probe_acc * (1 - probe_acc) / 1000 + raw_acc * (1 - raw_acc) / 1000)
+    assert got["gap"] == pytest.approx(probe_acc - raw_acc) and got["standard_error"] == pytest.approx(se)
+    assert got["significant"] is significant
+    assert ("not significant" in got["text"]) is (not significant)
+    assert f"{100 * (probe_acc - raw_acc):+.1f} points" in got["text"] and f"{100 * se:.1f} points" in got["text"]
 
 
 def test_quickstart_names_what_it_expected_for_a_bad_dataset(tmp_path):

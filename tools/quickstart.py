@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     run([py, "tools/make_palette.py", "--data", args.data, "--out", palette, "--seed", str(args.seed),
-         "--sample-pixels", "20000" if args.tiny else "200000", "--iters", "5" if args.tiny else "20"], log, env)
+         "--resolution", str(args.resolution), "--sample-pixels", "20000" if args.tiny else "200000",
+         "--iters", "5" if args.tiny else "20"], log, env)
     if not os.path.isfile(f"{shards}/train/dataset.json"):
         run([py, "tools/build_shards.py", "--data", args.data, "--split", "train", "--palette", palette,
              "--resolution", str(args.resolution), "--val-fraction", str(args.val_fraction), "--seed", str(args.seed),
@@ -155,6 +156,7 @@ def summarize(out: str, args, log: list, seconds: float) -> dict:
     # The binomial standard error of a test accuracy: how far apart two probes must be to mean anything.
     n_test = probe["num_test"]
     stderr = math.sqrt(probe["best_test_accuracy"] * (1 - probe["best_test_accuracy"]) / n_test)
+    gap = compare_to_raw(probe, raw)
     outputs = {"palette": "palette.npy", "shards": "shards/", "checkpoints": "checkpoints/",
                "training curves": "training.png", "export": "export/", "features": "features/",
                "probe": "probe.json", "probe plot": "probe.png", "samples": "samples.png"}
@@ -164,6 +166,7 @@ def summarize(out: str, args, log: list, seconds: float) -> dict:
             + f".\nLinear probe ({n_test} held-out images, standard error about {100 * stderr:.1f} points): "
               f"best layer {probe['best_layer']} {100 * probe['best_test_accuracy']:.1f}% | raw pixels "
               f"{100 * raw['best_test_accuracy']:.1f}% | random weights {100 * rand['best_test_accuracy']:.1f}%"
+              f"\n{gap['text']}"
               f"\nOutputs in {out}: "
             + ", ".join(f"{k} {v}" for k, v in outputs.items()))
     summary = {"seconds": round(seconds, 1), "data": os.path.abspath(args.data), "model": args.model,
@@ -171,10 +174,33 @@ def summarize(out: str, args, log: list, seconds: float) -> dict:
                "val_loss": val[-1]["val_loss"] if val else None, "probe_best_layer": probe["best_layer"],
                "probe_accuracy": probe["best_test_accuracy"], "probe_test_images": n_test,
                "probe_standard_error": stderr, "raw_pixel_accuracy": raw["best_test_accuracy"],
-               "random_weights_accuracy": rand["best_test_accuracy"], "outputs": outputs, "stages": log,
+               "random_weights_accuracy": rand["best_test_accuracy"], "gap_vs_raw_pixels": gap["gap"],
+               "gap_standard_error": gap["standard_error"], "gap_significant": gap["significant"],
+               "outputs": outputs, "stages": log,
                "text": text}
     atomic_write(f"{out}/summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def compare_to_raw(probe: dict, raw: dict, z: float = 2.0) -> dict:
+    """The claim the quickstart exists to show: do the pretrained features beat raw pixels, beyond noise?
+
+    ``gap`` = best-layer accuracy - raw-pixel accuracy (fractions); its standard error treats the two
+    test accuracies as independent binomials, sqrt(p(1-p)/n + r(1-r)/m): conservative, since both
+    probes score the same images (their errors correlate, which makes the paired error smaller).
+    ``significant``: gap >= ``z`` standard errors.
+    """
+    p, n = probe["best_test_accuracy"], probe["num_test"]
+    r, m = raw["best_test_accuracy"], raw["num_test"]
+    gap = p - r
+    se = math.sqrt(p * (1 - p) / n + r * (1 - r) / m)
+    significant = gap >= z * se
+    verdict = (f"significant: above {z:g} standard errors" if significant else
+               f"not significant: {z:g} standard errors would be {100 * z * se:.1f} points"
+               + (" (the pretrained features do not beat raw pixels here)" if gap <= 0 else ""))
+    text = (f"Pretrained best layer vs raw pixels: {100 * gap:+.1f} points, standard error of the gap "
+            f"{100 * se:.1f} points: {verdict}.")
+    return {"gap": gap, "standard_error": se, "significant": significant, "text": text}
 
 
 def _has_cuda() -> bool:
