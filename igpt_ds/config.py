@@ -3,7 +3,7 @@
 Sizes follow Chen et al. (2020), Table/Section 3: iGPT-S/M/L/XL. The presets use the
 paper's text (pre-LN LayerNorm, GELU, biases); the released OpenAI checkpoints differ
 (RMS-style norm without bias, x*sigmoid(1.702x), no biases anywhere) and are expressed as
-overrides: ``get_preset("igpt-s", norm="rmsnorm", activation="quick_gelu", bias=False)``.
+overrides: ``get_preset("igpt-s", **VARIANTS["openai"])`` (``--variant openai``).
 """
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ class ModelConfig:
     """``ar``: SOS + causal mask, loss on every pixel. ``bert``: i.i.d. masking, no attention mask."""
     bert_mask_prob: float = 0.15
     """Probability that a position is masked (BERT objective only)."""
+    dropout: float = 0.0
+    """GPT-2-style dropout in training (embeddings, attention probabilities, both residual branches). The paper
+    uses none (Sec. 3.4); 0 computes exactly what a model without dropout does."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~33% compute)."""
     name: str = "custom"
@@ -85,6 +88,8 @@ class ModelConfig:
             raise ValueError(f"objective={self.objective!r}: expected 'ar' or 'bert'")
         if not 0.0 < self.bert_mask_prob < 1.0:
             raise ValueError(f"bert_mask_prob={self.bert_mask_prob} must lie in (0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
         if tensor_parallel < 1:
             raise ValueError(f"tensor_parallel={tensor_parallel} must be >= 1")
         if self.n_head % tensor_parallel:
@@ -146,6 +151,13 @@ PRESETS: dict[str, ModelConfig] = {
     "igpt-m": ModelConfig(n_layer=36, d_model=1024, n_head=8, resolution=32, name="igpt-m"),
     "igpt-l": ModelConfig(n_layer=48, d_model=1536, n_head=16, resolution=32, name="igpt-l"),
     "igpt-xl": ModelConfig(n_layer=60, d_model=3072, n_head=24, resolution=64, name="igpt-xl"),
+}
+
+
+# Architecture variants (``--variant``): the paper's text (the presets as they are) and OpenAI's released code.
+VARIANTS: dict[str, dict] = {
+    "paper": {"norm": "layernorm", "activation": "gelu", "bias": True},
+    "openai": {"norm": "rmsnorm", "activation": "quick_gelu", "bias": False},
 }
 
 

@@ -55,6 +55,11 @@ def _check_palette(palette: np.ndarray, source: str, clusters: Optional[int]) ->
     return np.ascontiguousarray(palette, dtype=np.float32)
 
 
+def check_palette(palette, source: str, clusters: Optional[int] = None) -> np.ndarray:
+    """``palette`` as float32 (clusters, 3), or ValueError starting with ``source`` (shape, dtype, range)."""
+    return _check_palette(palette, source, clusters)
+
+
 def load_palette(path: Union[str, os.PathLike], clusters: Optional[int] = NUM_COLORS) -> np.ndarray:
     """Load a palette ``.npy`` as float32 (clusters, 3). ``clusters=None`` accepts any K.
 

@@ -4,8 +4,9 @@ The tables were checked against the argparse code the entry points had before th
 (``parse_args`` in igpt_ds/pretrain.py and igpt_ds/finetune.py): same spellings, defaults, types, choices, nargs,
 metavars, help texts, groups and parsed values. Changes on purpose: --adam-eps got a help text, and fine-tuning
 gained --max-minutes, --peak-tflops and --save-interval with the unified loop; both gained --verbose (the
-warning filter, igpt_ds/quiet.py) and --compile (torch.compile per block, igpt_ds/model/compile.py). Any other
-drift fails here.
+warning filter, igpt_ds/quiet.py) and --compile (torch.compile per block, igpt_ds/model/compile.py), and the
+paper's knobs --variant, --norm, --activation, --bias/--no-bias, --bert-mask-prob, --dropout (issue #17). Any
+other drift fails here.
 """
 import argparse
 import dataclasses
@@ -27,6 +28,38 @@ MAX_MINUTES = "wall-clock budget: save a checkpoint and stop when it is spent (t
 PEAK_TFLOPS = "device peak TFLOP/s for MFU (default: looked up by name)"
 COMPILE = dict(SWITCH, help="torch.compile each transformer block (inductor; ZeRO-3 through DeepSpeed's "
                             "engine.compile); graph breaks are printed and logged")
+VARIANT = ("architecture: paper = the paper's text (LayerNorm, tanh GELU, biases); openai = OpenAI's released "
+           "checkpoints (RMS norm, x*sigmoid(1.702x), no biases; exports to Hugging Face ImageGPT) (default paper)")
+BIAS = dict(default=None, aliases=("--no-bias",), action="boolean_optional", nargs=0)
+KNOBS_PRETRAIN = {
+    "--variant": (MODEL, dict(default="paper", choices=["openai", "paper"], help=VARIANT)),
+    "--norm": (MODEL, dict(default=None, choices=["layernorm", "rmsnorm"],
+                           help="normalization, overriding the --variant's")),
+    "--activation": (MODEL, dict(default=None, choices=["gelu", "quick_gelu"],
+                                 help="MLP activation (gelu: tanh approximation), overriding the --variant's")),
+    "--bias": (MODEL, dict(BIAS, help="biases on the linear layers and LayerNorm, overriding the --variant's")),
+    "--bert-mask-prob": (MODEL, dict(default=None, type="float", metavar="P",
+                                     help="BERT: probability that a position is masked, in (0, 1) (default 0.15, the "
+                                          "paper's; it also tried 0.2 to 0.35)")),
+    "--dropout": (MODEL, dict(default=0.0, type="float", metavar="P",
+                              help="training dropout on embeddings, attention probabilities and residual branches, "
+                                   "GPT-2 style, in [0, 1); TP and PP 1 only (default 0, the paper's)")),
+}
+KNOBS_FINETUNE = {
+    "--variant": (MODEL, dict(default=None, choices=["openai", "paper"],
+                              help="refuse an --init whose architecture is not this variant's (paper or openai)")),
+    "--norm": (MODEL, dict(default=None, choices=["layernorm", "rmsnorm"],
+                           help="refuse an --init with another normalization")),
+    "--activation": (MODEL, dict(default=None, choices=["gelu", "quick_gelu"],
+                                 help="refuse an --init with another MLP activation")),
+    "--bias": (MODEL, dict(BIAS, help="refuse an --init with(out) biases")),
+    "--bert-mask-prob": (MODEL, dict(default=None, type="float", metavar="P",
+                                     help="refuse an --init pretrained with another BERT masking rate")),
+    "--dropout": (MODEL, dict(default=None, type="float", metavar="P",
+                              help="training dropout as in pretraining's --dropout, over any --init (the paper tried "
+                                   "it in fine-tuning); TP and PP 1 only (default: the checkpoint's, 0 for the "
+                                   "paper's models; a resume keeps it)")),
+}
 
 # flag -> (group title, what argparse knows about it); "type" is the converter's name, absent for str.
 PRETRAIN_FLAGS = {
@@ -35,6 +68,7 @@ PRETRAIN_FLAGS = {
     "--resolution": (MODEL, dict(default=None, type="int", help="model resolution side (default: the preset's)")),
     "--activation-checkpointing": (MODEL, dict(SWITCH, help="recompute blocks in backward")),
     "--compile": (MODEL, COMPILE),
+    **KNOBS_PRETRAIN,
     "--train-data": (DATA, dict(default=("synthetic",), nargs="+", metavar="SHARDS",
                                 help="shard directory with dataset.json (tools/build_shards.py), brace pattern of .tar "
                                      "files, or a list of them; 'synthetic' for generated striped images (default)")),
@@ -79,6 +113,7 @@ FINETUNE_FLAGS = {
                                   help="classes (default: from the data; an error if it contradicts it)")),
     "--activation-checkpointing": (MODEL, dict(SWITCH, help="recompute blocks in backward")),
     "--compile": (MODEL, COMPILE),
+    **KNOBS_FINETUNE,
     "--train-data": (DATA, dict(default="", required=True, metavar="PATH",
                                 help="labelled images: cifar-10-batches-py, cifar-100-python, stl10_binary, an .npz "
                                      "or an ImageNet-style folder; or a shard directory (already quantized: --augment "
@@ -131,15 +166,16 @@ SHARED_DEFAULTS = dict(activation_checkpointing=False, compile=False, palette=No
                        deepspeed_config="ds_configs/zero0_fp32.json", tensor_parallel=1, pipeline_parallel=1,
                        train_steps=None, train_epochs=None, seed=0, save=None, save_interval=0, load=None,
                        eval_interval=0, log_interval=1, peak_tflops=None, max_minutes=None, progress=True,
-                       verbose=False)
+                       verbose=False, norm=None, activation=None, bias=None, bert_mask_prob=None)
 PRETRAIN_DEFAULTS = dict(SHARED_DEFAULTS, model="igpt-tiny", objective="ar", resolution=None,
                          train_data=("synthetic",), val_data=None, shuffle_buffer=2000, warmup_steps=None,
                          warmup_epochs=1.0, lr=3e-3, min_lr_ratio=0.0, no_decay=False, adam_eps=1e-8,
-                         eval_batches=None)
+                         eval_batches=None, variant="paper", dropout=0.0)
 FT = ["--train-data", "d", "--init", "ck"]
 FINETUNE_DEFAULTS = dict(SHARED_DEFAULTS, init="ck", random_init=False, num_classes=None, train_data="d",
                          val_data=None, split="train", val_split="test", val_fraction=0.0, split_seed=0,
-                         augment="none", warmup_steps=0, lr=3e-4, gen_weight=1.0, bert_masks=5, patience=0)
+                         augment="none", warmup_steps=0, lr=3e-4, gen_weight=1.0, bert_masks=5, patience=0,
+                         variant=None, dropout=None)
 
 PRETRAIN_CASES = [  # (argv, the fields that differ from PRETRAIN_DEFAULTS)
     ([], {}),
@@ -160,6 +196,11 @@ PRETRAIN_CASES = [  # (argv, the fields that differ from PRETRAIN_DEFAULTS)
      dict(save="s", save_interval=5, load="l", eval_interval=2, eval_batches=4, log_interval=3, peak_tflops=100.0,
           max_minutes=1.5, progress=False)),
     (["--lr=2e-4", "--seed=3"], dict(lr=2e-4, seed=3)),
+    (["--variant", "openai", "--norm", "layernorm", "--activation", "gelu", "--no-bias", "--objective", "bert",
+      "--bert-mask-prob", "0.25", "--dropout", "0.1"],
+     dict(variant="openai", norm="layernorm", activation="gelu", bias=False, objective="bert", bert_mask_prob=0.25,
+          dropout=0.1)),
+    (["--bias", "--dropout", "0"], dict(bias=True)),
 ]
 FINETUNE_CASES = [
     (FT, {}),
@@ -183,6 +224,9 @@ FINETUNE_CASES = [
       "--no-progress"], dict(eval_interval=10, patience=3, save="o", load="o", log_interval=2, progress=False)),
     ([*FT, "--max-minutes", "5", "--peak-tflops", "989", "--save-interval", "100"],
      dict(max_minutes=5.0, peak_tflops=989.0, save_interval=100)),
+    ([*FT, "--variant", "openai", "--norm", "rmsnorm", "--activation", "quick_gelu", "--no-bias",
+      "--bert-mask-prob", "0.2", "--dropout", "0.1"],
+     dict(variant="openai", norm="rmsnorm", activation="quick_gelu", bias=False, bert_mask_prob=0.2, dropout=0.1)),
 ]
 COMMANDS = [(PretrainArgs, "pretrain.py", PRETRAIN_FLAGS, PRETRAIN_DEFAULTS, PRETRAIN_CASES),
             (FinetuneArgs, "finetune.py", FINETUNE_FLAGS, FINETUNE_DEFAULTS, FINETUNE_CASES)]
@@ -197,7 +241,8 @@ def _visible(parser):
 
 def _spec(action) -> dict:
     """What argparse knows about a flag, in the vocabulary of the tables above."""
-    kind = {argparse._StoreTrueAction: "store_true", argparse._StoreFalseAction: "store_false"}
+    kind = {argparse._StoreTrueAction: "store_true", argparse._StoreFalseAction: "store_false",
+            argparse.BooleanOptionalAction: "boolean_optional"}
     spec = {"default": action.default, "help": action.help}
     if len(action.option_strings) > 1:
         spec["aliases"] = tuple(action.option_strings[1:])

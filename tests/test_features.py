@@ -360,6 +360,43 @@ def test_deepspeed_checkpoint_features_equal_consolidated(setup, tmp_path_factor
             np.testing.assert_allclose(a.layer(layer), c.layer(layer), atol=1e-4)
 
 
+def test_run_on_shards_without_palette_carries_the_manifest_palette(setup, tmp_path):
+    # The shards' dataset.json carries the palette: the run's palette.npy, its checkpoint and its export
+    # carry it, and features are extracted without --palette.
+    from testdata import tiny_shards
+
+    from igpt_ds.checkpoint.run import read_checkpoint_meta
+    from igpt_ds.data.shards import read_manifest
+    from igpt_ds.palette import load_palette, palette_sha256
+    from igpt_ds.testing import launch
+
+    shards = tiny_shards(tmp_path)
+    manifest = read_manifest(shards)
+    run = _pretrain(tmp_path, "run", 1, 0, ["--train-data", str(shards)])
+    assert load_palette(run / "palette.npy").tobytes() == manifest.palette.tobytes()
+    assert read_checkpoint_meta(str(run))[1]["palette_sha256"] == manifest.palette_sha256
+    assert load_tool("convert_checkpoint").main([str(run), str(tmp_path / "export"), "--to", "consolidated"]) == 0
+    assert palette_sha256(load_palette(tmp_path / "export" / "palette.npy")) == manifest.palette_sha256
+    for checkpoint in (run, tmp_path / "export"):
+        out = tmp_path / f"{checkpoint.name}.npz"
+        assert run_tool(setup, "--checkpoint", checkpoint, "--data", tmp_path / "d.npz", "--layers", "1",
+                        "--out", out) == 0
+        with F.FeatureFile(out) as f:
+            assert f.num_rows == 96 and f.meta["palette_sha256"] == manifest.palette_sha256
+    # --raw-pixels of shards needs no --palette either: the manifest's turns tokens into colours.
+    assert run_tool(setup, "--model", "igpt-tiny", "--resolution", 8, "--raw-pixels", "--shards", shards,
+                    "--out", tmp_path / "raw.npz") == 0
+    with F.FeatureFile(tmp_path / "raw.npz") as f:
+        assert np.isin(f.layer(0)[0], manifest.palette).all() and f.meta["palette_from"] == "the shards' dataset.json"
+    # --palette is still checked against the shards' hash.
+    np.save(tmp_path / "other.npy", make_palette(3))
+    bad = launch([str(ROOT / "igpt_ds" / "pretrain.py"), "--resolution", "8", "--train-steps", "1", "--no-progress",
+                  "--num-workers", "0", "--deepspeed_config", str(tmp_path / "run.json"), "--save",
+                  str(tmp_path / "bad"), "--train-data", str(shards), "--palette", str(tmp_path / "other.npy")],
+                 1, timeout=300, cwd=str(ROOT), env={"DS_ACCELERATOR": "cpu"})[0]
+    assert bad.returncode != 0 and "quantized with palette sha256" in bad.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # BERT: the paper's evaluation (Sec. 4.6), single mask / vote members / average
 # ---------------------------------------------------------------------------------------------

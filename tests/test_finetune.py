@@ -341,3 +341,27 @@ def test_bert_predict_votes_over_the_evaluation_masks_with_the_run_seed():
         assert all(torch.equal(m, w) for m, w in zip(seen[-2:], want))  # the masks of (seed, batch)
     assert {int(c) for p in preds for c in p} == {0, 2}  # each tied class, never another
     assert torch.equal(predict(classify, tokens, cfg, 2, seed=4, batch_index=3), preds[4])
+
+
+def test_shards_give_their_palette_when_init_has_none(tmp_path):
+    # --init without a palette, no --palette: the shards' dataset.json gives it to SAVE/palette.npy and the export.
+    from testdata import tiny_shards
+
+    from igpt_ds.checkpoint.consolidated import save_consolidated
+    from igpt_ds.config import get_preset
+    from igpt_ds.data.shards import read_manifest
+    from igpt_ds.model.transformer import IGPTModel
+    from igpt_ds.palette import load_palette
+
+    cfg = get_preset("igpt-tiny", resolution=8, n_layer=2, d_model=64, n_head=4)
+    save_consolidated(tmp_path / "init", cfg, IGPTModel(cfg, seed=0).state_dict())
+    shards = tiny_shards(tmp_path)
+    run = tmp_path / "run"
+    results = launch([FINETUNE, "--init", str(tmp_path / "init"), "--train-data", str(shards), "--val-data",
+                      str(shards), "--augment", "none", "--no-progress", "--num-workers", "0", "--train-steps", "2",
+                      "--eval-interval", "2", "--deepspeed_config", ds_config(tmp_path / "ds.json"), "--save",
+                      str(run)], 1, timeout=300, cwd=str(ROOT), env=ENV)
+    assert results[0].returncode == 0, results[0].stderr[-4000:]
+    palette = read_manifest(shards).palette
+    assert load_palette(run / "palette.npy").tobytes() == palette.tobytes()
+    assert load_palette(run / "best" / "palette.npy").tobytes() == palette.tobytes()

@@ -126,7 +126,8 @@ def test_make_palette_cli(tmp_path):
     out = tmp_path / "palette.npy"
     result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_palette.py"),
                              "--data", str(tmp_path / "images.npz"), "--out", str(out), "--clusters", "8",
-                             "--sample-pixels", "1024", "--heldout-pixels", "512", "--device", "cpu"],
+                             "--sample-pixels", "1024", "--heldout-pixels", "512", "--device", "cpu",
+                             "--resolution", "16"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "held-out reconstruction: MSE" in result.stdout
@@ -134,3 +135,39 @@ def test_make_palette_cli(tmp_path):
     mse = float(result.stdout.split("MSE ")[1].split()[0])
     assert mse < 10.0  # noise of +-3 levels around planted colours
     assert palette_sha256(palette) in result.stdout
+
+
+def make_palette_tool(*args):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_palette.py"), "--clusters", "4",
+                             "--sample-pixels", "2048", "--heldout-pixels", "256", "--device", "cpu",
+                             *map(str, args)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_palette_fits_the_pixels_of_resized_images(tmp_path):
+    from igpt_ds.data.shards import resize_view
+
+    # 24x24 images: a pixel-fine red/blue checkerboard (the model, at 8x8, sees purple) or plain green.
+    rng = np.random.default_rng(0)
+    board = (np.indices((24, 24)).sum(0) % 2).astype(bool)
+    images = np.where(board[None, :, :, None], [255, 0, 0], [0, 0, 255]).repeat(32, 0)
+    images[16:] = [0, 255, 0]
+    images = np.clip(images + rng.integers(-3, 4, images.shape), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "fine.npz", images=images)
+    np.savez(tmp_path / "small.npz", images=np.stack([resize_view(im, 8) for im in images]))
+
+    out = make_palette_tool("--data", tmp_path / "fine.npz", "--resolution", 8, "--out", tmp_path / "r8.npy")
+    assert "resized to 8x8" in out and "fitted at resolution 8" in out
+    make_palette_tool("--data", tmp_path / "fine.npz", "--resolution", "native", "--out", tmp_path / "native.npy")
+    make_palette_tool("--data", tmp_path / "small.npz", "--resolution", "native", "--out", tmp_path / "small.npy")
+    resized, native = load_palette(tmp_path / "r8.npy", 4), load_palette(tmp_path / "native.npy", 4)
+
+    def nearest(palette, rgb):  # distance in 0..255 levels from ``rgb`` to the palette's closest colour
+        return np.abs((palette.astype(np.float64) + 1) * 127.5 - rgb).max(1).min()
+
+    assert nearest(resized, [128, 0, 128]) < 10 and nearest(resized, [255, 0, 0]) > 60
+    assert nearest(native, [255, 0, 0]) < 10 and nearest(native, [128, 0, 128]) > 60
+    # The same palette as a fit on images resized beforehand, bit for bit.
+    np.testing.assert_array_equal(resized, load_palette(tmp_path / "small.npy", 4))

@@ -171,3 +171,43 @@ def test_held_out_split_is_centre_cropped_whatever_the_training_crop(tmp_path):
         tokens = np.frombuffer(sample["tokens"], dtype="<u2")
         want = quantize(resize_view(imgs[index], 8, "center")[None], palette())[0]
         assert np.array_equal(tokens, np.asarray(want).reshape(-1)), key
+
+
+def test_manifest_carries_the_palette_bit_exactly(tmp_path):
+    from igpt_ds.data.tokens import build_loader
+
+    _, source = npz_source(tmp_path, n=6, size=8)
+    pal = palette(5)
+    pal[:6] = [[-0.0, 1.0, -1.0], [1.4e-45, -1.4e-45, 0.0], [np.nextafter(np.float32(1), np.float32(0)), 0.1, -0.1],
+               [1 / 3, -2 / 3, 1e-30], [0.5, -0.5, 0.25], [0.7, -0.3, 0.9]]
+    pal = pal.astype(np.float32)
+    build_shards(source, str(tmp_path / "out"), pal, BuildSettings(resolution=8, shard_size=6), progress=False)
+    m = read_manifest(tmp_path / "out")
+    assert m.palette.dtype == np.float32 and m.palette.tobytes() == pal.tobytes()  # -0.0 and subnormals too
+    assert palette_sha256(m.palette) == m.palette_sha256 == palette_sha256(pal)
+    loader = build_loader(str(tmp_path / "out"), batch_size=2, dp_rank=0, dp_world_size=1, num_workers=0)
+    assert loader.palette.tobytes() == pal.tobytes()
+    file = tmp_path / "out" / "dataset.json"
+    data = json.loads(file.read_text())
+    assert len(file.read_text().splitlines()) < 600  # one line per colour
+
+    # A palette edited after the build (one float32 ulp) no longer hashes to palette_sha256: refused.
+    data["palette"][7][1] = float(np.nextafter(np.float32(data["palette"][7][1]), np.float32(2)))
+    file.write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=r"dataset.json: field 'palette' hashes to .* palette_sha256"):
+        read_manifest(tmp_path / "out")
+    data["palette"] = data["palette"][:-1]
+    file.write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=r"dataset.json: field 'palette'.*shape"):
+        read_manifest(tmp_path / "out")
+
+    # A manifest from before the field existed still loads; it carries no palette.
+    del data["palette"]
+    file.write_text(json.dumps(data))
+    assert read_manifest(tmp_path / "out").palette is None
+    loader = build_loader(str(tmp_path / "out"), batch_size=2, dp_rank=0, dp_world_size=1, num_workers=0,
+                          expected_palette_sha256=palette_sha256(pal))
+    assert loader.palette is None and next(iter(loader))["tokens"].shape == (2, 64)
+    # Re-running the same build keeps its shards and adds the palette to the manifest.
+    again = build_shards(source, str(tmp_path / "out"), pal, BuildSettings(resolution=8, shard_size=6), progress=False)
+    assert again["built"] == [] and read_manifest(tmp_path / "out").palette.tobytes() == pal.tobytes()

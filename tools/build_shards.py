@@ -29,7 +29,6 @@ from igpt_ds.data.shards import CROPS, BuildSettings, build_shards  # noqa: E402
 from igpt_ds.data.sources import open_source  # noqa: E402
 from igpt_ds.palette import load_palette  # noqa: E402
 
-
 # Splits that are evaluated, never trained on: always one centre crop per image, whatever --crop says.
 HELD_OUT = ("val", "test")
 

@@ -307,6 +307,9 @@ def extract(args) -> str:
         for man in manifests:
             check_manifest(man, sha, r)
         sha = sha or manifests[0].palette_sha256
+        if palette is None:  # the shards' manifest carries it (older manifests do not)
+            palette = next((man.palette for man in manifests if man.palette is not None), None)
+            how = how if palette is None else "the shards' dataset.json"
         if palette is None and args.raw_pixels:
             raise ValueError("--raw-pixels turns tokens into palette colours: pass --palette or a checkpoint with one")
     bert = cfg.objective == "bert" and not args.raw_pixels

@@ -117,7 +117,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             "vocab_size": cfg.vocab_size + 1, "n_positions": cfg.seq_len, "n_embd": cfg.d_model,
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff,
             "activation_function": _ACT_TO_HF[cfg.activation], "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # iGPT trains without dropout
+            # HF drops where we do (embeddings, attention probabilities, both residual branches). Import ignores
+            # these: OpenAI's published configs carry GPT-2's 0.1, with which the paper did not train.
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": False,
             "use_cache": True, "dtype": str(dtype).replace("torch.", ""),

@@ -108,7 +108,8 @@ def check_compatible(meta: dict, cfg: ModelConfig, source: str) -> None:
     if diffs:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(f"{source}: checkpoint does not match this run's model ({listed}); "
-                         f"use the same --model/--objective/--resolution as the run that wrote it")
+                         f"use the same --model/--objective/--resolution/--variant/--norm/--activation/--bias/"
+                         f"--bert-mask-prob/--dropout as the run that wrote it")
 
 
 def checkpoint_meta(cfg: ModelConfig, ds, layout, palette_sha256: Optional[str], **extra) -> dict:

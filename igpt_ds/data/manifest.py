@@ -4,6 +4,11 @@
 
     format, version         "igpt-ds-shards", 1
     palette_sha256          the palette the tokens index (:func:`igpt_ds.palette.palette_sha256`)
+    palette                 that palette itself, [[r, g, b], ...] (K rows in [-1, 1]; last in the file).
+                            Each number is the float32 value written as the float64 it equals
+                            exactly (Python's shortest round-trip repr), so reading it back as float32
+                            is bit-exact and hashes to palette_sha256. Optional: manifests written
+                            before it existed load, and then carry no palette
     num_colors, resolution, seq_len, token_encoding
     shards                  [{name, samples, bytes, sha256}], plain file names in the manifest's directory
     num_samples             the sum of the shards' samples
@@ -16,11 +21,14 @@ Every error names the file and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
+
+import numpy as np
 
 from igpt_ds.config import NUM_COLORS
 
@@ -57,6 +65,7 @@ class Manifest:
     num_samples: int
     label_names: tuple[str, ...]
     data: dict
+    palette: Optional[np.ndarray] = field(default=None, compare=False, repr=False)  # None: an older manifest
 
     @property
     def seq_len(self) -> int:
@@ -106,10 +115,34 @@ def read_manifest(path: str) -> Manifest:
     except (KeyError, TypeError) as e:
         raise ShardError(f"{file}: manifest field missing or malformed ({e!r}); rebuild it with "
                          f"tools/build_shards.py") from None
+    if data.get("palette") is not None:
+        manifest = dataclasses.replace(manifest, palette=_read_palette(data["palette"], manifest))
     if sum(s.samples for s in shards) != manifest.num_samples:
         raise ShardError(f"{file}: num_samples={manifest.num_samples} but the shards hold "
                          f"{sum(s.samples for s in shards)}; the manifest is inconsistent, rebuild it")
     return manifest
+
+
+def palette_to_json(palette: np.ndarray) -> list:
+    """The manifest's ``palette`` field: float32 rows as the float64 numbers they equal exactly."""
+    return np.asarray(palette, dtype=np.float32).astype(np.float64).tolist()
+
+
+def _read_palette(value: Any, manifest: Manifest) -> np.ndarray:
+    """The ``palette`` field as float32 (K, 3), refused unless it hashes to ``palette_sha256``."""
+    from igpt_ds.palette import check_palette, palette_sha256  # palette imports torch: only when needed
+
+    where = f"{manifest.path}: field 'palette'"
+    try:
+        palette = check_palette(np.asarray(value, dtype=np.float64), where, manifest.num_colors)
+    except (TypeError, ValueError) as e:
+        raise ShardError(f"{e}; rebuild the manifest with tools/build_shards.py") from None
+    if palette_sha256(palette) != manifest.palette_sha256:
+        raise ShardError(f"{where} hashes to sha256 {palette_sha256(palette)[:16]}..., but the manifest's "
+                         f"palette_sha256 is {manifest.palette_sha256[:16]}...: the file was edited or damaged. "
+                         f"Rebuild the shards with tools/build_shards.py (or delete the 'palette' field to "
+                         f"pass the palette by --palette)")
+    return palette
 
 
 def check_manifest(manifest: Manifest, expected_palette_sha256: Optional[str] = None,

@@ -14,12 +14,12 @@ that takes contiguous shard ranges still sees a well-mixed stream.
 
 The manifest ``dataset.json`` (written last, atomically; read and checked by
 :mod:`igpt_ds.data.manifest`, whose names are re-exported here) records the format version, palette
-SHA-256, resolution, each shard's name, sample count, size and SHA-256, the total, the label
-names, the source, any skipped images, and the build settings. A build that is interrupted keeps
-a ``.build-progress.json`` of the shards finished so far; re-running it verifies and keeps those
-and builds only the rest. Shards are written as ``<name>.tmp`` and renamed when complete, so a
-final name never holds a truncated shard. Output bytes depend only on the settings and the seed,
-not on the number of worker processes.
+SHA-256 and the palette itself, resolution, each shard's name, sample count, size and SHA-256, the
+total, the label names, the source, any skipped images, and the build settings. A build that is
+interrupted keeps a ``.build-progress.json`` of the shards finished so far; re-running it verifies
+and keeps those and builds only the rest. Shards are written as ``<name>.tmp`` and renamed when
+complete, so a final name never holds a truncated shard. Output bytes depend only on the settings
+and the seed, not on the number of worker processes.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ from igpt_ds.data.manifest import (  # noqa: F401
     ShardRecord,
     check_manifest,
     check_shard_name,
+    palette_to_json,
     read_manifest,
 )
 from igpt_ds.data.sources import BadImageError, ImageSource, open_source
@@ -103,6 +104,16 @@ def resize_view(image: np.ndarray, resolution: int, crop: str = "center",
 def _write_json_atomic(path: str, data: dict) -> None:
     # 0644 whatever the umask: the manifest is read by other users' training jobs
     atomic_write(path, json.dumps(data, indent=1, sort_keys=False) + "\n", mode=0o644)
+
+
+def _write_manifest(path: str, manifest: dict) -> None:
+    """Like :func:`_write_json_atomic`, but the palette (the last field) gets one line per colour."""
+    rest = {k: v for k, v in manifest.items() if k != "palette"}
+    text = json.dumps(rest, indent=1, sort_keys=False)
+    if "palette" in manifest:
+        rows = ",\n".join(f"  {json.dumps(row)}" for row in manifest["palette"])
+        text = f'{text[:-2]},\n "palette": [\n{rows}\n ]\n}}'
+    atomic_write(path, text + "\n", mode=0o644)
 
 
 def _sha256_file(path: str) -> str:
@@ -302,8 +313,9 @@ def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, setting
         "source": source.describe(),
         "build": {**dataclasses.asdict(settings), **(build_info or {}),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "palette": palette_to_json(palette),  # last: the long field (read back and checked by read_manifest)
     }
-    _write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    _write_manifest(os.path.join(out_dir, MANIFEST_NAME), manifest)
     progress_file = os.path.join(out_dir, PROGRESS_NAME)
     if os.path.exists(progress_file):
         os.unlink(progress_file)

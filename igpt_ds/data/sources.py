@@ -25,7 +25,7 @@ import hashlib
 import os
 import pickle
 import re
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -350,12 +350,14 @@ def _open_folder(path: str, split: str) -> ImageSource:
 
 
 def sample_pixels(source: ImageSource, count: int, seed: int = 0, *, per_image: int = 256,
-                  exclude_images: int = 0) -> np.ndarray:
+                  exclude_images: int = 0,
+                  transform: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
     """``count`` random RGB pixels (uint8 (count, 3)) from random images of ``source``.
 
     At most ``per_image`` pixels come from one image, so few images need reading. Images are
     taken in a seeded order after skipping its first ``exclude_images`` (pass the number used
     for a fitting sample to draw held-out pixels from other images, while there are any).
+    ``transform`` (e.g. the shard builder's resize) is applied to each image before sampling.
     """
     rng = np.random.default_rng(seed)
     order = np.random.default_rng([seed, 1]).permutation(len(source))
@@ -365,7 +367,8 @@ def sample_pixels(source: ImageSource, count: int, seed: int = 0, *, per_image: 
     for index in np.resize(order, len(order) * 64):  # a small source is visited again
         if have >= count:
             break
-        image = source[int(index)][0].reshape(-1, 3)
+        image = source[int(index)][0]
+        image = (transform(image) if transform is not None else image).reshape(-1, 3)
         take = min(per_image, count - have, len(image))
         chunks.append(image[rng.choice(len(image), take, replace=False)])
         have += take

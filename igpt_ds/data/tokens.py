@@ -339,6 +339,8 @@ class TokenLoader:
         self.shards, self.manifests = list(shards), list(manifests)
         self.seq_len = manifests[0].seq_len
         self.palette_sha256 = manifests[0].palette_sha256
+        # the palette itself when a manifest carries it (all share the hash); None for older manifests
+        self.palette = next((m.palette for m in manifests if m.palette is not None), None)
         self.label_names = list(manifests[0].label_names)
         self.batch_size, self.dp_rank, self.dp_world_size = batch_size, dp_rank, dp_world_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle

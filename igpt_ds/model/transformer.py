@@ -93,6 +93,11 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` that is the identity, drawing no random numbers, when ``p == 0`` or in evaluation."""
+    return F.dropout(x, p, training=True) if p and training else x
+
+
 def activation_fn(name: str):
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
@@ -144,6 +149,7 @@ class Attention(nn.Module):
 
         tp, mcfg = tp_group.size(), megatron_config(tp_group.size())
         self.n_head_local, self.head_dim, self.causal = cfg.n_head // tp, cfg.head_dim, cfg.objective == "ar"
+        self.p_drop = cfg.dropout
         d = cfg.d_model
         # Fused q,k,v: the full weight is [q; k; v] (3d, d); stride=3 hands rank r the rows
         # [q_r; k_r; v_r], i.e. whole heads with their own q, k and v.
@@ -159,7 +165,8 @@ class Attention(nn.Module):
         q, k, v = (t.view(b, s, self.n_head_local, self.head_dim).transpose(1, 2)
                    for t in qkv.chunk(3, dim=-1))  # [b, nh_local, s, hd]
         if kv is None:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            p = self.p_drop if self.training else 0.0  # on the attention probabilities
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **({"dropout_p": p} if p else {}))
         else:  # AR decoding: the s new queries sit at positions past..past+s-1 and see keys 0..their own
             past = kv.length
             k, v = kv.append(k, v)  # [b, nh_local, past + s, hd]
@@ -195,11 +202,13 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = make_norm(cfg), Attention(cfg, tp_group)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg, tp_group)
-        self.checkpointed = cfg.activation_checkpointing
+        self.checkpointed, self.p_drop = cfg.activation_checkpointing, cfg.dropout
 
     def _forward(self, h: torch.Tensor, kv: Optional[LayerKV] = None) -> torch.Tensor:
-        a = h + self.attn(self.ln_1(h), kv)
-        return a + self.mlp(self.ln_2(a))
+        # Residual dropout on each branch (GPT-2). Recomputation under checkpoint() replays the default
+        # generator's state, so the masks of the backward's forward are the forward's.
+        a = h + dropout(self.attn(self.ln_1(h), kv), self.p_drop, self.training)
+        return a + dropout(self.mlp(self.ln_2(a)), self.p_drop, self.training)
 
     def forward(self, h: torch.Tensor, kv: Optional[LayerKV] = None) -> torch.Tensor:
         if kv is None and self.checkpointed and self.training and torch.is_grad_enabled():
@@ -245,7 +254,8 @@ class Embedding(nn.Module):
         elif mask is not None:
             h = h * (~mask).unsqueeze(-1).to(h.dtype)
         # Call the module (not .weight): ZeRO-3 gathers a partitioned parameter in its module's forward.
-        return h + self.wpe(torch.arange(s, device=tokens.device)).to(h.dtype)
+        h = h + self.wpe(torch.arange(s, device=tokens.device)).to(h.dtype)
+        return dropout(h, self.cfg.dropout, self.training)
 
     def extend(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """AR decoding: embed input pixels at positions ``start..``; at ``start == 0`` SOS comes first."""
@@ -253,7 +263,8 @@ class Embedding(nn.Module):
         if start == 0:
             h = torch.cat([self.sos.to(h.dtype).expand(tokens.shape[0], 1, -1), h], dim=1)
         positions = torch.arange(start, start + h.shape[1], device=tokens.device)
-        return h + self.wpe(positions).to(h.dtype)  # through the module, as in forward (ZeRO-3)
+        h = h + self.wpe(positions).to(h.dtype)  # through the module, as in forward (ZeRO-3)
+        return dropout(h, self.cfg.dropout, self.training)
 
 
 class Head(nn.Module):

@@ -54,6 +54,14 @@ class ParallelLayout:
                 raise ValueError(
                     f"pipeline-parallel size {pp} exceeds n_layer={model.n_layer}: "
                     f"use at most {model.n_layer} stages")
+            if model.dropout and (tp > 1 or pp > 1):
+                # TP ranks hold replicated residual streams, whose masks would have to agree, and each draws
+                # its heads' attention masks; that needs megatron's RNG tracker, not wired in (nor tested
+                # for PP). Refused rather than trained with masks that silently differ.
+                raise ValueError(
+                    f"dropout={model.dropout} is not supported with tensor or pipeline parallelism (TP={tp}, "
+                    f"PP={pp}): use --tensor-parallel 1 --pipeline-parallel 1 (ZeRO and data parallelism work), "
+                    f"or --dropout 0")
         return self
 
     def coords(self, rank: int) -> tuple[int, int, int]:

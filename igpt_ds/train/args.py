@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Callable, ClassVar, NoReturn, Optional
 
-from igpt_ds.config import PRESETS  # no torch behind it: --help and flag errors come back at once
+from igpt_ds.config import PRESETS, VARIANTS  # no torch behind it: --help and flag errors come back at once
 
 _NOT_ARGPARSE = ("flags", "group")  # metadata keys of our own; the rest goes to add_argument as is
 
@@ -49,6 +49,22 @@ class RunArgs:
     compile: bool = flag("--compile", default=False, group="model", action="store_true",
                          help="torch.compile each transformer block (inductor; ZeRO-3 through DeepSpeed's "
                               "engine.compile); graph breaks are printed and logged")
+    variant: Optional[str] = flag(
+        "--variant", default="paper", group="model", choices=sorted(VARIANTS),
+        help="architecture: paper = the paper's text (LayerNorm, tanh GELU, biases); openai = OpenAI's released "
+             "checkpoints (RMS norm, x*sigmoid(1.702x), no biases; exports to Hugging Face ImageGPT) (default paper)")
+    norm: Optional[str] = flag("--norm", group="model", choices=["layernorm", "rmsnorm"],
+                               help="normalization, overriding the --variant's")
+    activation: Optional[str] = flag("--activation", group="model", choices=["gelu", "quick_gelu"],
+                                     help="MLP activation (gelu: tanh approximation), overriding the --variant's")
+    bias: Optional[bool] = flag("--bias", group="model", action=argparse.BooleanOptionalAction,
+                                help="biases on the linear layers and LayerNorm, overriding the --variant's")
+    bert_mask_prob: Optional[float] = flag("--bert-mask-prob", group="model", metavar="P",
+                                           help="BERT: probability that a position is masked, in (0, 1) (default "
+                                                "0.15, the paper's; it also tried 0.2 to 0.35)")
+    dropout: Optional[float] = flag("--dropout", default=0.0, group="model", metavar="P",
+                                    help="training dropout on embeddings, attention probabilities and residual "
+                                         "branches, GPT-2 style, in [0, 1); TP and PP 1 only (default 0, the paper's)")
     palette: Optional[str] = flag("--palette", group="data",
                                   help="palette.npy the shards must have been built with (checked by hash)")
     num_workers: int = flag("--num-workers", default=2, group="data", help="data loader workers per rank (default 2)")
@@ -87,6 +103,19 @@ class RunArgs:
 
     def check_flags(self, error: Callable[[str], NoReturn]) -> None:
         """Rules between flags that argparse cannot state; ``error`` is ``parser.error`` (usage, exit 2)."""
+        if self.bert_mask_prob is not None and not 0.0 < self.bert_mask_prob < 1.0:
+            error(f"--bert-mask-prob {self.bert_mask_prob} must lie strictly between 0 and 1")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            error(f"--dropout {self.dropout} must lie in [0, 1)")
+
+    def model_overrides(self) -> dict:
+        """The ModelConfig fields these flags set: the --variant's, then --norm/--activation/--bias,
+        --bert-mask-prob and --dropout where given (fine-tuning: only what was given)."""
+        out = dict(VARIANTS[self.variant]) if self.variant else {}
+        for name in ("norm", "activation", "bias", "bert_mask_prob", "dropout"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
 
 @dataclass
@@ -116,6 +145,11 @@ class PretrainArgs(RunArgs):
     adam_eps: float = flag("--adam-eps", default=1e-8, group="optimization", help="Adam epsilon (default 1e-8)")
     eval_batches: Optional[int] = flag("--eval-batches", group="checkpoints",
                                        help="validation batches per evaluation (default: all)")
+
+    def check_flags(self, error: Callable[[str], NoReturn]) -> None:
+        super().check_flags(error)
+        if self.bert_mask_prob is not None and self.objective != "bert":
+            error("--bert-mask-prob is for --objective bert")
 
 
 @dataclass
@@ -171,6 +205,18 @@ class FinetuneArgs(RunArgs):
     save_interval: int = like(RunArgs, "save_interval", help="save every N steps besides after each evaluation")
     load: Optional[str] = like(RunArgs, "load", help="resume a fine-tuning run from its --save directory")
     eval_interval: int = like(RunArgs, "eval_interval", help="validate every N steps (default: every epoch)")
+    # The architecture comes from --init (or --load): these knobs only check it, except --dropout.
+    variant: Optional[str] = like(RunArgs, "variant", default=None,
+                                  help="refuse an --init whose architecture is not this variant's (paper or openai)")
+    norm: Optional[str] = like(RunArgs, "norm", help="refuse an --init with another normalization")
+    activation: Optional[str] = like(RunArgs, "activation", help="refuse an --init with another MLP activation")
+    bias: Optional[bool] = like(RunArgs, "bias", help="refuse an --init with(out) biases")
+    bert_mask_prob: Optional[float] = like(RunArgs, "bert_mask_prob",
+                                           help="refuse an --init pretrained with another BERT masking rate")
+    dropout: Optional[float] = like(RunArgs, "dropout", default=None,
+                                    help="training dropout as in pretraining's --dropout, over any --init (the paper "
+                                         "tried it in fine-tuning); TP and PP 1 only (default: the checkpoint's, 0 "
+                                         "for the paper's models; a resume keeps it)")
 
     def __post_init__(self):
         # Derived defaults live here, not in the parser, so that FinetuneArgs built in code means what the
@@ -181,6 +227,7 @@ class FinetuneArgs(RunArgs):
             self.val_data = self.train_data
 
     def check_flags(self, error: Callable[[str], NoReturn]) -> None:
+        super().check_flags(error)
         if not self.init and not self.load:
             error("give --init CHECKPOINT (or --load SAVE_DIR to resume)")
         if self.random_init and not self.init:

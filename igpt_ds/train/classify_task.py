@@ -112,6 +112,7 @@ class ClassifyTask:
             cfg, self.init_weights, palette, _ = self._read_init(loop, args.init)
             if args.random_init:  # the same architecture, trained from its fresh init (seeded by --seed)
                 self.init_weights = None
+        cfg = self._knobs(cfg, resuming=loop.resume is not None)
         if args.activation_checkpointing:
             cfg = cfg.replace(activation_checkpointing=True)
         self.cfg = cfg
@@ -135,6 +136,19 @@ class ClassifyTask:
             raise ValueError(f"--init {args.init}: its class head has {head['clf.weight'].shape[0]} classes, "
                              f"the data {self.num_classes}")
         return cfg
+
+    def _knobs(self, cfg: ModelConfig, resuming: bool) -> ModelConfig:
+        """``cfg`` with --dropout applied; the architecture knobs (and, on resume, --dropout) must agree with it."""
+        args, wanted = self.args, self.args.model_overrides()
+        dropout = None if resuming else wanted.pop("dropout", None)
+        clash = {k: v for k, v in wanted.items() if getattr(cfg, k) != v}
+        if clash:
+            where = f"--load {args.load}" if resuming else f"--init {args.init}"
+            listed = ", ".join(f"{k}: checkpoint {getattr(cfg, k)!r} vs flags {v!r}" for k, v in clash.items())
+            raise ValueError(f"{where}: the flags contradict the checkpoint's model ({listed}); fine-tuning takes the "
+                             f"architecture from the checkpoint{'' if resuming else ' (only --dropout may differ)'}: "
+                             f"drop those flags")
+        return cfg if dropout is None else cfg.replace(dropout=dropout)
 
     def prepare(self, loop) -> None:
         if self.args.bert_masks < 1:
@@ -179,6 +193,8 @@ class ClassifyTask:
         if is_shard_dir(path):
             m = read_manifest(path)
             check_manifest(m, self.palette_sha256, self.cfg.resolution)
+            if self.palette is None and m.palette is not None:  # neither --init nor --palette has one
+                self.palette, self.palette_sha256 = m.palette, m.palette_sha256
             if role == "train" and self.args.augment != "none":
                 raise ValueError(f"--train-data {path} holds quantized shards; augmentation happens before "
                                  f"quantization, so give the images (e.g. cifar-10-batches-py) or --augment none")

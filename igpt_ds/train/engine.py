@@ -167,7 +167,12 @@ def build_model(cfg: ModelConfig, state: parallel.ParallelState, ds: DSSettings,
         init = deepspeed.zero.Init(data_parallel_group=state.dp_group, config_dict_or_path=ds.config,
                                    mpu=parallel.DeepSpeedMPU(state))
     with init:
-        return (model_cls or IGPTModel)(cfg, state.tp_group, seed=seed)
+        module = (model_cls or IGPTModel)(cfg, state.tp_group, seed=seed)
+    if cfg.dropout:
+        # Dropout draws from the default generator (which activation checkpointing replays): one stream per
+        # data-parallel replica. Without dropout nothing is reseeded, so such runs stay as they were.
+        torch.manual_seed(seed + 1_000_003 * (1 + state.dp_rank))
+    return module
 
 
 def build_engine(module: nn.Module, state: parallel.ParallelState, ds: DSSettings, lr: float,

@@ -43,6 +43,7 @@ class PretrainTask:
         overrides = {"objective": args.objective, "activation_checkpointing": args.activation_checkpointing}
         if args.resolution:
             overrides["resolution"] = args.resolution
+        overrides.update(args.model_overrides())  # --variant, --norm, --activation, --bias, --bert-mask-prob, --dropout
         self.cfg = get_preset(args.model, **overrides)
         return self.cfg
 
@@ -66,6 +67,8 @@ class PretrainTask:
                               expected_resolution=self.cfg.resolution)
         if train:
             self.palette_sha256 = getattr(loader, "palette_sha256", None)
+            if self.palette is None:  # no --palette: the shards' manifest carries it (None if an older one)
+                self.palette = getattr(loader, "palette", None)
             if args.val_data:
                 self.loader(loop, train=False)  # fail now, not at the first evaluation
         return loader
