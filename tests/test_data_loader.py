@@ -268,3 +268,76 @@ def test_manifest_cannot_point_outside_its_directory(tmp_path, name):
     root = fake_shard_set(tmp_path / "m", [("a_v0", [0, 1, 2, 3])], entry_name=name)
     with pytest.raises(ShardError, match="plain file name"):
         read_all(root)
+
+
+# ---- K pre-quantized views per image: a fresh crop every epoch -------------------------------
+
+@pytest.fixture(scope="module")
+def four_views(tmp_path_factory):
+    """12 images of 24x24, each stored as ONE sample of 4 random-resized 8x8 crops (shards of 5 images)."""
+    root = tmp_path_factory.mktemp("views")
+    imgs = np.random.default_rng(3).integers(0, 256, (12, 24, 24, 3), dtype=np.uint8)
+    np.savez(root / "d.npz", images=imgs, labels=np.arange(12) % 3)
+    pal = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
+    build_shards(open_source(root / "d.npz"), str(root / "shards"), pal,
+                 BuildSettings(resolution=RES, shard_size=5, crop="random-resized", views=4), progress=False)
+    return root / "shards"
+
+
+def stored_views(shards):
+    """key -> the set of its 4 stored views (as token tuples), read straight from the tars."""
+    import tarfile
+
+    out = {}
+    for path in read_manifest(shards).shard_paths():
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".tokens"):
+                    tokens = np.frombuffer(tar.extractfile(member).read(), dtype="<u2").reshape(4, RES * RES)
+                    out[member.name[:-len(".tokens")]] = {tuple(v) for v in tokens.tolist()}
+    return out
+
+
+def test_k_views_give_k_epochs_of_distinct_crops_one_image_once_per_epoch(four_views):
+    manifest = read_manifest(four_views)
+    assert manifest.views == 4 and manifest.num_samples == manifest.data["num_images"] == 12
+    assert manifest.data["crop"]["mode"] == "random-resized" and manifest.data["crop"]["shorter_side"] == [256, 384]
+    views = stored_views(four_views)
+    assert all(len(v) == 4 for v in views.values())  # 4 different crops stored per image
+    loader = build_loader(four_views, batch_size=3, dp_rank=0, dp_world_size=1, num_workers=2, seed=5,
+                          shuffle_buffer=4, epochs=8)
+    # an epoch is one pass over the IMAGES: the warm-up's "one epoch" and --train-epochs count images
+    assert loader.num_samples == 12 and loader.batches_per_epoch == 4
+    served = collections.defaultdict(list)  # key -> its tokens, epoch by epoch
+    for b, batch in enumerate(loader):
+        epoch = b // loader.batches_per_epoch
+        assert len(set(batch["keys"])) == len(batch["keys"])  # never two views of one image in a batch
+        for key, tokens in zip(batch["keys"], batch["tokens"].numpy()):
+            served[key].append((epoch, tuple(tokens.tolist())))
+    assert set(served) == set(views)
+    for key, seen in served.items():
+        assert [e for e, _ in seen] == list(range(8))  # once per epoch
+        first, second = [t for _, t in seen[:4]], [t for _, t in seen[4:]]
+        assert set(first) == views[key] and set(second) == views[key]  # each cycle of 4 epochs: all 4 views
+    # the order of views is seeded: another seed serves other views at epoch 0 (for most images)
+    other = build_loader(four_views, batch_size=3, dp_rank=0, dp_world_size=1, num_workers=0, seed=6, epochs=1)
+    epoch0 = {k: t for batch in other for k, t in zip(batch["keys"], batch["tokens"].numpy().tolist())}
+    assert sum(tuple(epoch0[k]) != served[k][0][1] for k in views) >= 6
+
+
+def test_a_view_count_that_does_not_match_the_manifest_is_refused(four_views, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(four_views, copy)
+    data = json.loads((copy / "dataset.json").read_text())
+    data["views"] = 2
+    (copy / "dataset.json").write_text(json.dumps(data))
+    loader = build_loader(copy, batch_size=3, dp_rank=0, dp_world_size=1, num_workers=0, epochs=1)
+    with pytest.raises(ShardError, match=r"has 256 tokens, expected 2 views x 64 .*holds 4 views: the manifest "
+                                         r"does not describe this shard"):
+        next(iter(loader))
+    data["views"] = 0
+    (copy / "dataset.json").write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=r"dataset.json: field 'views' is 0"):
+        read_manifest(copy)

@@ -202,7 +202,7 @@ def test_augmented_shards_are_refused_unless_allowed(setup, tmp_path, capsys):
     assert not (tmp_path / "x.npz").exists()
     assert run_tool(setup, *args, "--allow-augmented-shards", "--out", tmp_path / "x.npz") == 0
     with F.FeatureFile(tmp_path / "x.npz") as f:
-        assert f.num_rows == 120  # 60 images x 2 views
+        assert f.num_rows == 60  # one row per image: a sample's first view (its K views are one sample)
 
 
 def test_decode_benchmark_target_writes_its_section(setup, tmp_path):

@@ -75,9 +75,12 @@ def test_output_is_independent_of_worker_count_and_views(tmp_path):
     settings = BuildSettings(resolution=8, shard_size=4, seed=1, crop="random-resized", views=2)
     one = build_shards(source, str(tmp_path / "w1"), palette(), settings, workers=1, progress=False)
     two = build_shards(source, str(tmp_path / "w2"), palette(), settings, workers=2, progress=False)
-    assert one["num_samples"] == 18 and [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
-    keys = [k for path in read_manifest(tmp_path / "w1").shard_paths() for k in read_tar(path)]
-    assert sum(k.endswith("_v1") for k in keys) == 9 and len(set(keys)) == 18
+    # one sample per image holding its 2 views; shard_size counts images
+    assert one["num_samples"] == 9 and one["views"] == 2 and [s["samples"] for s in one["shards"]] == [4, 4, 1]
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+    samples = {k: v for path in read_manifest(tmp_path / "w1").shard_paths() for k, v in read_tar(path).items()}
+    assert len(samples) == 9 and all(k.endswith("_k2") for k in samples)
+    assert all(len(v["tokens"]) == 2 * 2 * 64 for v in samples.values())  # 2 views x 64 uint16 tokens
 
 
 def test_interrupted_build_resumes_without_redoing_shards(tmp_path, monkeypatch):
@@ -161,7 +164,7 @@ def test_held_out_split_is_centre_cropped_whatever_the_training_crop(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "val: centre crops" in result.stdout
     train, val = read_manifest(tmp_path / "out" / "train"), read_manifest(tmp_path / "out" / "val")
-    assert train.data["build"]["crop"] == "random-resized" and train.num_samples == 15 * 3
+    assert train.data["build"]["crop"] == "random-resized" and train.num_samples == 15 and train.views == 3
     assert val.data["build"]["crop"] == "center" and val.data["build"]["views"] == 1 and val.num_samples == 5
     # the val tokens are the centre crops of their images (a key names the source index: d_<index>_v<view>)
     samples = read_tar(tmp_path / "out" / "val" / val.shards[0].name)

@@ -6,8 +6,10 @@
 
 Each image is resized to --resolution (--crop center: shorter side, then the centre square;
 --crop random-resized --views K: K random crops per image, the paper's ImageNet augmentation),
-quantized with the palette, and written as one sample per view: <key>.tokens (little-endian
-uint16, raster order) and <key>.cls (label) in shards <split>-000000.tar, ... .
+quantized with the palette, and written as one sample per image: <key>.tokens (little-endian
+uint16, raster order; K views one after the other) and <key>.cls (label) in shards
+<split>-000000.tar, ... . The loader serves one of an image's K views per epoch, a different one
+in each of K epochs (docs/data.md).
 
 --val-fraction F holds out F of the train images (the paper: 0.04): the shards then go to
 OUT/train/ and OUT/val/, each with its own dataset.json. Without it they go to OUT/. Held-out
@@ -48,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="processes building shards in parallel (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image order, crops and held-out split (default: 0)")
     p.add_argument("--crop", choices=CROPS, default="center", help="resize mode (default: center)")
-    p.add_argument("--views", type=int, default=1, help="views per image with --crop random-resized (default: 1)")
+    p.add_argument("--views", type=int, default=1, help="views per image with --crop random-resized, stored in one "
+                   "sample; the loader serves one per epoch, all K in K epochs (default: 1)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of train as OUT/val (paper: 0.04; default: 0, no held-out split)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are counted, "

@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "this process)")
     d.add_argument("--allow-augmented-shards", action="store_true",
                    help="accept --shards built with random crops (tools/build_shards.py --crop random-resized): "
-                        "their features are of augmented views, not of the evaluation centre crop")
+                        "their features are of augmented views, not of the evaluation centre crop (one row "
+                        "per image: a sample's first view)")
     f = p.add_argument_group("features")
     f.add_argument("--layers", default="auto",
                    help="'auto', 'all', 'middle', 3, 2-5, 1,3,8 (0 = embedding output). Default auto: every layer, "

@@ -66,6 +66,8 @@ class Manifest:
     label_names: tuple[str, ...]
     data: dict
     palette: Optional[np.ndarray] = field(default=None, compare=False, repr=False)  # None: an older manifest
+    views: int = 1
+    """Pre-quantized views per sample (``--views K``): its ``.tokens`` hold K x seq_len tokens, view-major."""
 
     @property
     def seq_len(self) -> int:
@@ -111,12 +113,15 @@ def read_manifest(path: str) -> Manifest:
                             resolution=int(data["resolution"]), palette_sha256=str(data["palette_sha256"]),
                             num_colors=int(data.get("num_colors", NUM_COLORS)), shards=shards,
                             num_samples=int(data["num_samples"]),
-                            label_names=tuple(data.get("label_names", [])), data=data)
+                            label_names=tuple(data.get("label_names", [])), data=data,
+                            views=int(data.get("views", 1)))
     except (KeyError, TypeError) as e:
         raise ShardError(f"{file}: manifest field missing or malformed ({e!r}); rebuild it with "
                          f"tools/build_shards.py") from None
     if data.get("palette") is not None:
         manifest = dataclasses.replace(manifest, palette=_read_palette(data["palette"], manifest))
+    if manifest.views < 1:
+        raise ShardError(f"{file}: field 'views' is {manifest.views}; it must be >= 1 (views per sample)")
     if sum(s.samples for s in shards) != manifest.num_samples:
         raise ShardError(f"{file}: num_samples={manifest.num_samples} but the shards hold "
                          f"{sum(s.samples for s in shards)}; the manifest is inconsistent, rebuild it")

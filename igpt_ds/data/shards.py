@@ -62,6 +62,11 @@ from igpt_ds.palette import palette_sha256, quantize
 
 PROGRESS_NAME = ".build-progress.json"
 CROPS = ("center", "random-resized")
+# The paper's ImageNet augmentation (Sec. 3.1), as resize_view implements it; recorded in the manifest.
+RANDOM_RESIZED_PARAMS = {"shorter_side": [256, 384], "crop": 224, "seed": "[build seed, image index, view]"}
+# How a sample holds its views: part of a build's fingerprint, so a directory of shards made when every
+# view was its own sample is not mixed with new ones.
+SAMPLE_LAYOUT = "views-in-one-sample"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,12 +160,15 @@ class BuildSettings:
 def plan_shards(num_images: int, settings: BuildSettings) -> list[np.ndarray]:
     """Per shard, the (image index, view) pairs it holds, as an int64 array (n, 2).
 
-    Images are permuted with the seed; the views of one image are consecutive.
+    Images are permuted with the seed; the views of one image are consecutive and form ONE sample
+    (``--views K``: K pre-quantized crops in one ``.tokens`` member, of which the loader serves one
+    per epoch), so a shard holds ``shard_size`` images whatever K is.
     """
     order = np.random.default_rng([settings.seed, 0x5A4D]).permutation(num_images)
     slots = np.stack([np.repeat(order, settings.views),
                       np.tile(np.arange(settings.views), num_images)], axis=1)
-    return [slots[s:s + settings.shard_size] for s in range(0, len(slots), settings.shard_size)]
+    per_shard = settings.shard_size * settings.views
+    return [slots[s:s + per_shard] for s in range(0, len(slots), per_shard)]
 
 
 def shard_name(settings: BuildSettings, index: int) -> str:
@@ -204,10 +212,13 @@ def build_one_shard(source: ImageSource, palette: np.ndarray, settings: BuildSet
             continue
         rng = np.random.default_rng([settings.seed, image_index, view]) if settings.crop != "center" else None
         views.append(resize_view(image, settings.resolution, settings.crop, rng))
-        keys.append(f"{source.key(image_index)}_v{view}")
-        labels.append(label)
-    tokens = (quantize(np.stack(views), palette, device=device) if views
-              else np.zeros((0, settings.resolution ** 2), np.int64))
+        if view == 0:  # one sample per image: key <image key>_v0 (one view) or <image key>_k<K> (K views)
+            keys.append(f"{source.key(image_index)}_v0" if settings.views == 1
+                        else f"{source.key(image_index)}_k{settings.views}")
+            labels.append(label)
+    seq_len = settings.resolution ** 2
+    tokens = (quantize(np.stack(views), palette, device=device) if views else np.zeros((0, seq_len), np.int64))
+    tokens = np.asarray(tokens).reshape(len(keys), settings.views * seq_len)  # an image's K views, view-major
     name = shard_name(settings, index)
     for record in skipped:
         record["shard"] = name
@@ -231,8 +242,11 @@ def _worker_build(job: tuple[int, np.ndarray]) -> dict:
 
 
 def _fingerprint(source: ImageSource, palette: np.ndarray, settings: BuildSettings) -> dict:
-    return {"source": source.describe(), "palette_sha256": palette_sha256(palette),
-            "settings": dataclasses.asdict(settings), "format_version": FORMAT_VERSION}
+    out = {"source": source.describe(), "palette_sha256": palette_sha256(palette),
+           "settings": dataclasses.asdict(settings), "format_version": FORMAT_VERSION}
+    if settings.views > 1:
+        out["sample_layout"] = SAMPLE_LAYOUT
+    return out
 
 
 def _reusable(out_dir: str, record: dict) -> bool:
@@ -308,6 +322,9 @@ def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, setting
         "has_labels": source.has_labels,
         "num_samples": sum(r["samples"] for r in ordered),
         "num_images": len(source) - len(skipped),
+        # K views per sample (one .tokens member of K x seq_len tokens); the loader serves one per epoch
+        "views": settings.views,
+        "crop": {"mode": settings.crop, **(RANDOM_RESIZED_PARAMS if settings.crop == "random-resized" else {})},
         "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in ordered],
         "skipped": skipped,
         "source": source.describe(),
@@ -337,6 +354,8 @@ def _previous_records(out_dir: str, fingerprint: dict) -> dict[str, dict]:
         previous = {"source": data.get("source"), "palette_sha256": data.get("palette_sha256"),
                     "settings": {k: data.get("build", {}).get(k) for k in fingerprint["settings"]},
                     "format_version": data.get("version")}
+        if int(data.get("views", 1)) > 1:
+            previous["sample_layout"] = SAMPLE_LAYOUT
         shards = [{**s, "skipped": [x for x in data.get("skipped", [])
                                     if x.get("shard") == s["name"]]} for s in data.get("shards", [])]
         where = manifest

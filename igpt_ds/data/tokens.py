@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from functools import partial
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -74,6 +76,7 @@ class ShardSpec:
 
     url: str
     samples: int
+    views: int = 1  # pre-quantized views per sample (the manifest's ``views``)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +99,7 @@ def resolve_source(source: Source, manifest: Optional[str] = None) -> tuple[list
         if _is_manifest_location(item):
             m = read_manifest(item)
             manifests.append(m)
-            shards += [ShardSpec(p, s.samples) for p, s in zip(m.shard_paths(), m.shards)]
+            shards += [ShardSpec(p, s.samples, m.views) for p, s in zip(m.shard_paths(), m.shards)]
             continue
         for url in braceexpand(item):
             m = given or _manifest_beside(url)
@@ -111,7 +114,7 @@ def resolve_source(source: Source, manifest: Optional[str] = None) -> tuple[list
             if not names or names[-1] not in counts:
                 raise ValueError(f"{url}: no shard of that name in {m.path} (it lists "
                                  f"{[s.name for s in m.shards][:4]}...)")
-            shards.append(ShardSpec(url, counts[names[-1]]))
+            shards.append(ShardSpec(url, counts[names[-1]], m.views))
     return shards, manifests
 
 
@@ -206,9 +209,26 @@ def _tar_samples(url: str) -> Iterator[dict]:
         stream.close()
 
 
-def read_shard(spec: ShardSpec, first: int, end: int, seq_len: int,
-               vocab_size: int) -> Iterator[tuple[str, np.ndarray, int]]:
-    """(key, tokens int64 (seq_len,), label) for samples [first, end) of a shard, validated."""
+def epoch_view(seed: int, epoch: int, key: str, views: int) -> int:
+    """Which of a sample's ``views`` pre-quantized crops epoch ``epoch`` serves.
+
+    Epochs come in cycles of ``views``: within a cycle every view is served once, in an order drawn
+    from (seed, image key, cycle), so K views give K epochs of different crops before any repeats, and
+    the next cycle serves them in a new order. The same on every rank, worker and resume.
+    """
+    if views == 1:
+        return 0
+    cycle, position = divmod(epoch, views)
+    order = np.random.default_rng([seed, zlib.crc32(key.encode()), cycle]).permutation(views)
+    return int(order[position])
+
+
+def read_shard(spec: ShardSpec, first: int, end: int, seq_len: int, vocab_size: int,
+               view_of: Optional[Callable[[str], int]] = None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(key, tokens int64 (seq_len,), label) for samples [first, end) of a shard, validated.
+
+    A sample of K views (``spec.views``) gives the view ``view_of(key)`` (default: view 0).
+    """
     index = -1
     for index, sample in enumerate(_tar_samples(spec.url)):
         if index >= end:
@@ -216,7 +236,7 @@ def read_shard(spec: ShardSpec, first: int, end: int, seq_len: int,
                              f"(sample {sample['__key__']!r}); the manifest does not describe this shard, rebuild it")
         if index < first:
             continue
-        yield _decode(spec.url, sample, seq_len, vocab_size)
+        yield _decode(spec.url, sample, seq_len, vocab_size, spec.views, view_of)
         if index == end - 1 and end < spec.samples:
             return  # the rest of this shard belongs to another worker or rank
     if index + 1 < min(end, spec.samples):
@@ -224,16 +244,25 @@ def read_shard(spec: ShardSpec, first: int, end: int, seq_len: int,
                          f"(truncated?); rebuild it with tools/build_shards.py")
 
 
-def _decode(url: str, sample: dict, seq_len: int, vocab_size: int) -> tuple[str, np.ndarray, int]:
+def _decode(url: str, sample: dict, seq_len: int, vocab_size: int, views: int = 1,
+            view_of: Optional[Callable[[str], int]] = None) -> tuple[str, np.ndarray, int]:
     key = sample["__key__"]
     raw = sample.get(TOKENS_EXT)
     if raw is None:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ShardError(f"{url}: sample {key!r} has no .{TOKENS_EXT} member (has {members})")
-    if len(raw) != 2 * seq_len:
-        raise ShardError(f"{url}: sample {key!r} has {len(raw) / 2:g} tokens, expected {seq_len} "
-                         f"(resolution {int(seq_len ** 0.5)}); the shard is corrupt or from another build")
+    if len(raw) != 2 * seq_len * views:
+        held = len(raw) / (2 * seq_len)
+        expected = f"{seq_len}" if views == 1 else f"{views} views x {seq_len} (the manifest's 'views': {views})"
+        raise ShardError(f"{url}: sample {key!r} has {len(raw) / 2:g} tokens, expected {expected} "
+                         f"(resolution {int(seq_len ** 0.5)})"
+                         + (f"; it holds {held:g} views: the manifest does not describe this shard"
+                            if held == int(held) and held != views else
+                            "; the shard is corrupt or from another build") + ", rebuild it with tools/build_shards.py")
     tokens = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+    if views > 1:
+        view = view_of(key) if view_of is not None else 0
+        tokens = tokens[view * seq_len:(view + 1) * seq_len]
     if tokens.max(initial=0) >= vocab_size:
         raise ShardError(f"{url}: sample {key!r} has token {int(tokens.max())} >= vocabulary size {vocab_size}; "
                          f"the shard is corrupt or was built with a larger palette")
@@ -274,7 +303,8 @@ class _EpochStream(IterableDataset):
         start, stop = self.layout.worker_range(self.dp_rank, worker, self.num_workers)
         segments = epoch_segments([s.samples for s in self.shards], epoch, self.seed, self.shuffle, start, stop)
         samples = (s for shard, first, end in segments
-                   for s in read_shard(self.shards[shard], first, end, self.seq_len, self.vocab_size))
+                   for s in read_shard(self.shards[shard], first, end, self.seq_len, self.vocab_size,
+                                       view_of=partial(epoch_view, self.seed, epoch, views=self.shards[shard].views)))
         if self.shuffle and self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.seed, epoch, self.dp_rank, worker])
             samples = _shuffled(samples, self.shuffle_buffer, rng)
