@@ -214,3 +214,49 @@ def test_manifest_carries_the_palette_bit_exactly(tmp_path):
     # Re-running the same build keeps its shards and adds the palette to the manifest.
     again = build_shards(source, str(tmp_path / "out"), pal, BuildSettings(resolution=8, shard_size=6), progress=False)
     assert again["built"] == [] and read_manifest(tmp_path / "out").palette.tobytes() == pal.tobytes()
+
+
+def test_two_nodes_then_merge_equal_one_node_build(tmp_path):
+    _, source = npz_source(tmp_path, n=23)
+    settings = BuildSettings(resolution=8, shard_size=4, seed=2)  # 6 shards: node 0 gets 0, 2, 4
+    one = build_shards(source, str(tmp_path / "one"), palette(), settings, progress=False)
+    out = str(tmp_path / "two")
+    with pytest.raises(ValueError, match="--node-rank 2 with --num-nodes 2"):
+        build_shards(source, out, palette(), settings, progress=False, num_nodes=2, node_rank=2)
+    assert not os.path.exists(out)
+    node0 = build_shards(source, out, palette(), settings, progress=False, num_nodes=2, node_rank=0)
+    assert node0["built"] == ["train-000000.tar", "train-000002.tar", "train-000004.tar"]
+    assert sorted(os.listdir(out)) == [".slice-0-of-2.json"] + node0["built"]
+    with pytest.raises(ShardError, match=r"\.slice-1-of-2\.json \(--node-rank 1\).*nothing was written"):
+        build_shards(source, out, palette(), settings, progress=False, num_nodes=2, merge=True)
+    assert "dataset.json" not in os.listdir(out)
+    node1 = build_shards(source, out, palette(), settings, progress=False, num_nodes=2, node_rank=1)
+    again = build_shards(source, out, palette(), settings, progress=False, num_nodes=2, node_rank=1, log=lambda s: None)
+    assert again["built"] == [] and again["reused"] == node1["built"]  # a re-run node keeps its shards
+    merged = build_shards(source, out, palette(), settings, progress=False, num_nodes=2, merge=True)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "one"))  # slices removed
+    for name in os.listdir(out):
+        if name != "dataset.json":
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    a, b = (json.loads((tmp_path / d / "dataset.json").read_text()) for d in ("one", "two"))
+    a["build"].pop("created"), b["build"].pop("created")
+    assert a == b and merged["shards"] == one["shards"]
+    text = [(tmp_path / d / "dataset.json").read_text().splitlines() for d in ("one", "two")]
+    assert [x for x in text[0] if '"created"' not in x] == [x for x in text[1] if '"created"' not in x]
+    # merging again re-checks the shards against the manifest; a damaged shard names its node
+    build_shards(source, out, palette(), settings, progress=False, num_nodes=2, merge=True)
+    with open(tmp_path / "two" / "train-000003.tar", "r+b") as f:
+        f.truncate(512)
+    with pytest.raises(ShardError, match="train-000003.tar: missing, or its size.*--node-rank 1 --num-nodes 2"):
+        build_shards(source, out, palette(), settings, progress=False, num_nodes=2, merge=True)
+
+
+def test_build_shards_cli_refuses_a_node_rank_outside_num_nodes(tmp_path):
+    npz_source(tmp_path, n=4)
+    save_palette(tmp_path / "palette.npy", palette())
+    cmd = [sys.executable, os.path.join(REPO, "tools", "build_shards.py"), "--data", str(tmp_path / "d.npz"),
+           "--palette", str(tmp_path / "palette.npy"), "--out", str(tmp_path / "out"), "--num-nodes", "2",
+           "--node-rank", "-1", "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--node-rank -1 with --num-nodes 2" in result.stderr
+    assert not os.path.exists(tmp_path / "out")

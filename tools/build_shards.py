@@ -17,6 +17,12 @@ splits (val, test) are always centre-cropped, one view per image: --crop/--views
 
 Interrupted? Run the same command again: finished shards are verified and kept, the rest built.
 Output is identical for a given --seed whatever --workers is.
+
+Several nodes: run the same command on each with --num-nodes N --node-rank R (0..N-1) and one
+shared --out; node R builds shards R, R+N, R+2N, ... and records them in OUT/.slice-R-of-N.json.
+Then, once, the same command with --merge (and --num-nodes N, no --node-rank) checks every slice
+and shard and writes dataset.json, identical to a one-node build's for the same --seed (apart from
+build.created and build.args). A re-run node keeps its finished shards.
 """
 import argparse
 import os
@@ -27,7 +33,7 @@ from igpt_ds import quiet  # noqa: E402
 
 quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
-from igpt_ds.data.shards import CROPS, BuildSettings, build_shards  # noqa: E402
+from igpt_ds.data.shards import CROPS, BuildSettings, build_shards, check_nodes  # noqa: E402
 from igpt_ds.data.sources import open_source  # noqa: E402
 from igpt_ds.palette import load_palette  # noqa: E402
 
@@ -39,7 +45,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verbose", action="store_true", help=quiet.HELP)
     p.add_argument("--data", required=True, help="image source: cifar-10-batches-py/, cifar-100-python/, "
-                   "stl10_binary/, an image folder (ImageNet layout or flat), or a .npz")
+                   "stl10_binary/, an image folder (ImageNet layout, or flat: ILSVRC2012 val with LOC_val_solution.csv "
+                   "or val_labels.txt), a .tar of images or a folder of them (WebDataset), or a .npz (docs/data.md)")
     p.add_argument("--split", default="train", help="train, test (STL-10: also unlabeled; folders: any "
                    "sub-folder) (default: train)")
     p.add_argument("--palette", required=True, help="palette.npy from tools/make_palette.py (or OpenAI's "
@@ -59,11 +66,17 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="quantize on cpu or cuda (default: cuda when available; "
                    "worker processes use cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the build (default: 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node, 0..N-1: builds shards i with "
+                   "i %% N == rank into OUT/.slice-R-of-N.json (default: 0)")
+    p.add_argument("--merge", action="store_true", help="after all --num-nodes slices are built: verify "
+                   "them and write the one dataset.json")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_nodes(args.num_nodes, args.node_rank)
     palette = load_palette(args.palette)
     if args.val_fraction > 0:
         if args.split != "train":
@@ -83,7 +96,13 @@ def main(argv=None):
         info = {"args": vars(args), "palette_file": os.path.abspath(args.palette),
                 "tool": "tools/build_shards.py"}
         result = build_shards(source, out, palette, settings, workers=args.workers, device=args.device,
-                              build_info=info, progress=not args.no_progress)
+                              build_info=info, progress=not args.no_progress, num_nodes=args.num_nodes,
+                              node_rank=args.node_rank, merge=args.merge)
+        if "slice" in result:
+            print(f"{out}: node {args.node_rank} of {args.num_nodes}: {result['num_samples']} samples in "
+                  f"{len(result['shards'])} shards ({len(result['built'])} built, {len(result['reused'])} kept), "
+                  f"recorded in {result['slice']}; run --merge when every node is done")
+            continue
         print(f"{out}: {result['num_samples']} samples from {len(source)} {source.name} images in "
               f"{len(result['shards'])} shards ({len(result['built'])} built, {len(result['reused'])} kept)")
         if result["skipped"]:

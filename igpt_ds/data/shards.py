@@ -20,6 +20,12 @@ interrupted keeps a ``.build-progress.json`` of the shards finished so far; re-r
 and keeps those and builds only the rest. Shards are written as ``<name>.tmp`` and renamed when
 complete, so a final name never holds a truncated shard. Output bytes depend only on the settings
 and the seed, not on the number of worker processes.
+
+Several nodes (``num_nodes=N, node_rank=R``): every node plans the same shards (same seed, same
+permutation and cut) and builds only shard ``i`` with ``i % N == R``, recording them in its own
+``.slice-R-of-N.json`` (not the manifest). ``merge=True`` then checks that all N slices are there
+and finished and every shard's size and SHA-256, and writes the one ``dataset.json``: the same
+bytes as a one-node build's apart from ``build.created`` and ``build.args``.
 """
 from __future__ import annotations
 
@@ -61,6 +67,7 @@ from igpt_ds.data.sources import BadImageError, ImageSource, open_source
 from igpt_ds.palette import palette_sha256, quantize
 
 PROGRESS_NAME = ".build-progress.json"
+SLICE_NAME = ".slice-{rank}-of-{nodes}.json"  # one node's finished shards in a multi-node build
 CROPS = ("center", "random-resized")
 # The paper's ImageNet augmentation (Sec. 3.1), as resize_view implements it; recorded in the manifest.
 RANDOM_RESIZED_PARAMS = {"shorter_side": [256, 384], "crop": 224, "seed": "[build seed, image index, view]"}
@@ -255,43 +262,81 @@ def _reusable(out_dir: str, record: dict) -> bool:
             and _sha256_file(path) == record["sha256"])
 
 
+def slice_name(node_rank: int, num_nodes: int) -> str:
+    return SLICE_NAME.format(rank=node_rank, nodes=num_nodes)
+
+
+def check_nodes(num_nodes: int, node_rank: int) -> None:
+    """Refuse a node rank outside [0, num_nodes) before anything is written."""
+    if num_nodes < 1 or not 0 <= node_rank < num_nodes:
+        raise ValueError(f"--node-rank {node_rank} with --num-nodes {num_nodes}: the rank must lie in "
+                         f"0..{max(num_nodes, 1) - 1} and --num-nodes be >= 1")
+
+
 def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, settings: BuildSettings, *,
                  workers: int = 1, device: Optional[str] = None, build_info: Optional[dict] = None,
                  progress: bool = True, open_args: Optional[dict] = None,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, num_nodes: int = 1, node_rank: int = 0,
+                 merge: bool = False) -> dict:
     """Write ``source`` as shards + ``dataset.json`` into ``out_dir``; returns the manifest dict.
 
     ``workers > 1`` builds shards in that many processes; they reopen the source from
     ``open_args`` (default ``source.open_args``, set by :func:`open_source`). Re-running after an
     interruption keeps every shard whose recorded size and SHA-256 still match and builds the
     rest. The result has ``"built"`` / ``"reused"`` shard name lists (not part of the file).
+
+    ``num_nodes > 1``: build only this node's slice (shards ``i % num_nodes == node_rank``) and
+    return its record (``"slice"``: the file, ``"shards"``, ``"built"``, ``"reused"``), no manifest;
+    with ``merge=True`` build nothing, verify all slices and write the manifest.
     """
     settings.validate()
-    os.makedirs(out_dir, exist_ok=True)
+    check_nodes(num_nodes, node_rank)
     fingerprint = _fingerprint(source, palette, settings)
-    done = _previous_records(out_dir, fingerprint)
-    for stray in os.listdir(out_dir):
-        if stray.endswith(".tar.tmp"):  # a shard cut off mid-write by the interruption
-            os.unlink(os.path.join(out_dir, stray))
     plan = plan_shards(len(source), settings)
+    if merge:
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"{out_dir}: no such directory; build the slices first (--node-rank)")
+        records = _merge_slices(out_dir, fingerprint, settings, len(plan), num_nodes)
+        manifest = _manifest(source, palette, settings, fingerprint, [records[i] for i in range(len(plan))],
+                             build_info)
+        _write_manifest(os.path.join(out_dir, MANIFEST_NAME), manifest)
+        for rank in range(num_nodes):
+            leftover = os.path.join(out_dir, slice_name(rank, num_nodes))
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        return {**manifest, "built": [], "reused": [r["name"] for r in manifest["shards"]]}
+    os.makedirs(out_dir, exist_ok=True)
+    mine = [i for i in range(len(plan)) if i % num_nodes == node_rank]
+    progress_name = PROGRESS_NAME if num_nodes == 1 else slice_name(node_rank, num_nodes)
+    done = _previous_records(out_dir, fingerprint, progress_name)
+    if num_nodes == 1:
+        strays = [n for n in os.listdir(out_dir) if n.endswith(".tar.tmp")]
+    else:  # other nodes write their own .tmp files into the same directory right now
+        strays = [shard_name(settings, i) + ".tmp" for i in mine]
+    for stray in strays:  # a shard cut off mid-write by the interruption
+        if os.path.exists(os.path.join(out_dir, stray)):
+            os.unlink(os.path.join(out_dir, stray))
     records: dict[int, dict] = {}
     reused = []
-    for i in range(len(plan)):
+    for i in mine:
         record = done.get(shard_name(settings, i))
         if record is not None and _reusable(out_dir, record):
             records[i] = record
             reused.append(record["name"])
-    jobs = [(i, plan[i]) for i in range(len(plan)) if i not in records]
+    jobs = [(i, plan[i]) for i in mine if i not in records]
     if reused:
         log(f"{out_dir}: {len(reused)} finished shard(s) verified and kept, {len(jobs)} to build")
-    bar = tqdm(total=sum(len(s) for s in plan), initial=sum(len(plan[i]) for i in records),
+    bar = tqdm(total=sum(len(plan[i]) for i in mine), initial=sum(len(plan[i]) for i in records),
                unit="sample", desc=f"shards {settings.prefix}", disable=not progress)
+    node = {} if num_nodes == 1 else {"num_nodes": num_nodes, "node_rank": node_rank}
 
-    def finished(i: int, record: dict) -> None:
-        records[i] = record
-        bar.update(len(plan[i]))
-        _write_json_atomic(os.path.join(out_dir, PROGRESS_NAME),
-                           {"fingerprint": fingerprint, "shards": [records[k] for k in sorted(records)]})
+    def finished(i: int, record: Optional[dict], complete: bool = False) -> None:
+        if record is not None:
+            records[i] = record
+            bar.update(len(plan[i]))
+        _write_json_atomic(os.path.join(out_dir, progress_name),
+                           {"fingerprint": fingerprint, **node, **({"complete": True} if complete else {}),
+                            "shards": [records[k] for k in sorted(records)]})
 
     if workers <= 1 or len(jobs) <= 1:
         for i, slots in jobs:
@@ -307,10 +352,24 @@ def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, setting
             for (i, _), record in zip(jobs, pool.imap(_worker_build, jobs)):
                 finished(i, record)
     bar.close()
+    built = [shard_name(settings, i) for i, _ in jobs]
+    if num_nodes > 1:  # this node's slice, marked finished; the merge writes the manifest
+        finished(-1, None, complete=True)
+        return {"slice": os.path.join(out_dir, progress_name), "shards": [records[i] for i in mine],
+                "num_samples": sum(records[i]["samples"] for i in mine),
+                "skipped": [s for i in mine for s in records[i]["skipped"]], "built": built, "reused": reused}
+    manifest = _manifest(source, palette, settings, fingerprint, [records[i] for i in range(len(plan))], build_info)
+    _write_manifest(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    progress_file = os.path.join(out_dir, PROGRESS_NAME)
+    if os.path.exists(progress_file):
+        os.unlink(progress_file)
+    return {**manifest, "built": built, "reused": reused}
 
-    ordered = [records[i] for i in range(len(plan))]
+
+def _manifest(source: ImageSource, palette: np.ndarray, settings: BuildSettings, fingerprint: dict,
+              ordered: list[dict], build_info: Optional[dict]) -> dict:
     skipped = [s for r in ordered for s in r["skipped"]]
-    manifest = {
+    return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "palette_sha256": fingerprint["palette_sha256"],
@@ -332,23 +391,65 @@ def build_shards(source: ImageSource, out_dir: str, palette: np.ndarray, setting
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "palette": palette_to_json(palette),  # last: the long field (read back and checked by read_manifest)
     }
-    _write_manifest(os.path.join(out_dir, MANIFEST_NAME), manifest)
-    progress_file = os.path.join(out_dir, PROGRESS_NAME)
-    if os.path.exists(progress_file):
-        os.unlink(progress_file)
-    return {**manifest, "built": [shard_name(settings, i) for i, _ in jobs], "reused": reused}
 
 
-def _previous_records(out_dir: str, fingerprint: dict) -> dict[str, dict]:
+def _merge_slices(out_dir: str, fingerprint: dict, settings: BuildSettings, num_shards: int,
+                  num_nodes: int) -> dict[int, dict]:
+    """Every shard's record from the N slice files, each shard checked on disk; nothing written."""
+    index = {shard_name(settings, i): i for i in range(num_shards)}
+    slices = [os.path.join(out_dir, slice_name(r, num_nodes)) for r in range(num_nodes)]
+    if not any(os.path.isfile(s) for s in slices) and os.path.isfile(os.path.join(out_dir, MANIFEST_NAME)):
+        done = _previous_records(out_dir, fingerprint, PROGRESS_NAME)  # merged before: check it again
+        slices = []
+    else:
+        done, missing = {}, []
+        for rank, path in enumerate(slices):
+            data = None
+            if os.path.isfile(path):
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("fingerprint") != fingerprint:
+                    raise ShardError(f"{path}: a slice of a different build (source, palette or settings "
+                                     f"differ); re-run node {rank} with the merge's arguments")
+            if data is None or not data.get("complete"):
+                missing.append(f"{os.path.basename(path)} (--node-rank {rank}"
+                               f"{'' if data is None else ', unfinished'})")
+                continue
+            for record in data.get("shards", []):
+                check_shard_name(record.get("name"), path)
+                if index.get(record["name"], -1) % num_nodes != rank:
+                    raise ShardError(f"{path}: shard {record['name']} is not node {rank}'s")
+                done[record["name"]] = {**record, "slice": path}
+        if missing:
+            raise ShardError(f"{out_dir}: cannot merge, {len(missing)} of {num_nodes} slice(s) missing or "
+                             f"unfinished: {', '.join(missing)}. Run tools/build_shards.py with the same "
+                             f"arguments and --num-nodes {num_nodes} --node-rank R (no --merge) for each "
+                             f"R named, then merge again; nothing was written")
+    records = {}
+    for name, i in index.items():
+        record = done.get(name)
+        where = (record.pop("slice", None) if record else None) or (
+            slices[i % num_nodes] if slices else os.path.join(out_dir, MANIFEST_NAME))
+        if record is None or not _reusable(out_dir, record):
+            what = "not recorded in" if record is None else "missing, or its size or SHA-256 differs from"
+            raise ShardError(f"{os.path.join(out_dir, name)}: {what} {where}; re-run "
+                             f"--node-rank {i % num_nodes} --num-nodes {num_nodes} "
+                             f"(it rebuilds only that), then merge again; nothing was written")
+        records[i] = record
+    return records
+
+
+def _previous_records(out_dir: str, fingerprint: dict, progress_name: str = PROGRESS_NAME,
+                      use_manifest: bool = True) -> dict[str, dict]:
     """Shard records of an earlier run of the same build in ``out_dir`` (progress or manifest)."""
-    progress = os.path.join(out_dir, PROGRESS_NAME)
+    progress = os.path.join(out_dir, progress_name)
     manifest = os.path.join(out_dir, MANIFEST_NAME)
     if os.path.isfile(progress):
         with open(progress) as f:
             data = json.load(f)
         previous, shards = data.get("fingerprint"), data.get("shards", [])
         where = progress
-    elif os.path.isfile(manifest):
+    elif use_manifest and os.path.isfile(manifest):
         with open(manifest) as f:
             data = json.load(f)
         previous = {"source": data.get("source"), "palette_sha256": data.get("palette_sha256"),

@@ -11,7 +11,22 @@ Formats, detected from ``path``:
   - STL-10 (``stl10_binary/``: train_X.bin/train_y.bin, test_*, unlabeled_X.bin)
   - ``.npz`` (``images`` N x H x W x 3 uint8, optional ``labels``, optional ``label_names``)
   - an image folder: ImageNet layout (one sub-folder per class, labels = sorted folder names;
-    ``PATH/train``, ``PATH/val`` used when ``split`` names one) or a flat folder (no labels).
+    ``PATH/train``, ``PATH/val`` used when ``split`` names one) or a flat folder (no labels),
+    listed with ``os.scandir`` (no per-file ``stat``; only the sorted names are kept).
+  - a flat folder with a ground-truth file, in it or beside it (the official ILSVRC2012 val:
+    ``PATH/val/ILSVRC2012_val_00000001.JPEG``...): ``LOC_<split>_solution.csv`` (Kaggle's
+    ``ImageId,PredictionString``, the class first) or ``<split>_labels.txt`` (one ``file class``
+    per line, space or comma between; ``file`` with or without its extension). Label names are
+    ``PATH/train/``'s sorted class folders when there are any (val labels then match train's),
+    else ``synsets.txt`` / ``LOC_synset_mapping.txt`` (first word of each line, in file order),
+    else the sorted class names of the file. Every image needs exactly one line and every line
+    an image. (The devkit's ``ILSVRC2012_validation_ground_truth.txt`` holds ILSVRC2012_IDs, whose
+    map to synsets is in ``meta.mat``: convert it to ``val_labels.txt`` first.)
+  - image archives: a ``.tar`` file, or a folder (or ``PATH/<split>/``) holding only ``.tar``
+    files (WebDataset shards of JPEGs, read in sorted order): one image per WebDataset sample
+    (members ``<key>.jpg`` / ``.png`` / ..., ``<key>`` = the name up to the basename's first dot),
+    in tar order; labels from ``<key>.cls`` (ASCII int) when every sample has one. Uncompressed
+    tars only: images are read in place by offset.
 
 Held-out split: ``val_fraction=f`` carves ``round(f * N)`` images out of the train split
 (the paper holds out 4% of ImageNet train). Which images go to ``val`` is a seeded permutation,
@@ -22,14 +37,19 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import pickle
 import re
+import tarfile
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
+# A flat folder is labelled by the first of these found in it or in the folder above it.
+GROUND_TRUTH_FILES = ("LOC_{split}_solution.csv", "{split}_labels.txt")
+CLASS_LIST_FILES = ("synsets.txt", "LOC_synset_mapping.txt")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CIFAR10_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
@@ -118,16 +138,23 @@ class FolderSource(ImageSource):
     kind = "folder"
 
     def __init__(self, path: str, split: str, files: list[str], labels: Optional[list[int]],
-                 label_names: Sequence[str], root: str):
+                 label_names: Sequence[str], root: str, labels_file: Optional[str] = None):
         super().__init__(path, split, label_names)
-        self.files, self._labels, self.root = files, labels, root
-        self._keys = _unique_keys([os.path.relpath(f, root) for f in files])
+        # ``files`` relative to ``root``: for millions of files the names are most of the memory
+        self.files, self._labels, self.root, self.labels_file = files, labels, root, labels_file
+        self._keys = _unique_keys(files)
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.labels_file:
+            out["labels_file"] = self.labels_file
+        return out
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        file = self.files[index]
+        file = os.path.join(self.root, self.files[index])
         try:
             with Image.open(file) as im:
                 image = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -135,6 +162,75 @@ class FolderSource(ImageSource):
             raise BadImageError(f"{file}: cannot read image ({type(e).__name__}: {e}); "
                                 f"remove or replace the file, or pass --skip-bad to build_shards") from e
         return image, (-1 if self._labels is None else self._labels[index])
+
+    def key(self, index: int) -> str:
+        return self._keys[index]
+
+
+class TarSource(ImageSource):
+    """Images inside uncompressed tar archives (WebDataset shards), indexed once, read by offset."""
+
+    kind = "tar"
+
+    def __init__(self, path: str, split: str, archives: list[str]):
+        super().__init__(path, split)
+        self.archives = archives
+        where, offsets, sizes, labels, names = [], [], [], [], []
+        for a, archive in enumerate(archives):
+            try:
+                tar = tarfile.open(archive, mode="r:")
+            except tarfile.TarError as e:
+                raise ValueError(f"{archive}: not an uncompressed tar ({e}); image archives are read "
+                                 f"in place, so unpack .tar.gz / .tgz to .tar first") from e
+            with tar:
+                samples: dict[str, dict] = {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, base = os.path.split(member.name)
+                    stem, _, ext = base.partition(".")
+                    sample = samples.setdefault(f"{folder}/{stem}" if folder else stem, {})
+                    if ext.lower() == "cls":
+                        sample["cls"] = int(tar.extractfile(member).read().decode("ascii").strip())
+                    elif _is_image(base) and "image" not in sample:
+                        sample["image"] = (member.offset_data, member.size)
+            for key, sample in samples.items():  # insertion order: tar order
+                if "image" not in sample:
+                    continue
+                where.append(a)
+                offsets.append(sample["image"][0])
+                sizes.append(sample["image"][1])
+                labels.append(sample.get("cls", -1))
+                names.append(f"{os.path.basename(archive).partition('.')[0]}/{key}")
+        has_labels = bool(labels) and all(v >= 0 for v in labels)
+        if not has_labels and any(v >= 0 for v in labels):
+            raise ValueError(f"{path}: {sum(v < 0 for v in labels)} of {len(labels)} archive samples have "
+                             f"no .cls member; give every sample a label, or none")
+        self._where, self._offsets, self._sizes = (np.asarray(where, np.int32), np.asarray(offsets, np.int64),
+                                                   np.asarray(sizes, np.int64))
+        self._labels = np.asarray(labels, np.int64) if has_labels else None
+        if has_labels:
+            self.label_names = [str(i) for i in range(int(self._labels.max()) + 1)]
+        self._keys = _unique_keys(names)
+        self._files: dict[int, object] = {}  # opened on first read, in each process
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        a = int(self._where[index])
+        if a not in self._files:
+            self._files[a] = open(self.archives[a], "rb")
+        f = self._files[a]
+        f.seek(int(self._offsets[index]))
+        data = f.read(int(self._sizes[index]))
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                image = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except Exception as e:  # PIL raises many types for a bad file
+            raise BadImageError(f"{self.archives[a]}: member {self._keys[index]}: cannot read image "
+                                f"({type(e).__name__}: {e}); pass --skip-bad to build_shards") from e
+        return image, (-1 if self._labels is None else int(self._labels[index]))
 
     def key(self, index: int) -> str:
         return self._keys[index]
@@ -168,20 +264,23 @@ def _unique_keys(names: list[str]) -> list[str]:
 
 
 def detect_kind(path: str) -> str:
-    """``cifar10``, ``cifar100``, ``stl10``, ``npz`` or ``folder`` from what ``path`` holds."""
+    """``cifar10``, ``cifar100``, ``stl10``, ``npz``, ``tar`` or ``folder`` from what ``path`` holds."""
     if os.path.isfile(path):
         if path.endswith(".npz"):
             return "npz"
+        if path.endswith(".tar"):
+            return "tar"
         raise ValueError(f"{path}: a file source must be a .npz (images N x H x W x 3 uint8, "
-                         f"optional labels); for other formats give the directory")
+                         f"optional labels) or a .tar of images; for other formats give the directory")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
-    names = set(os.listdir(path))
-    if names & {"batches.meta", "test_batch"} or any(n.startswith("data_batch_") for n in names):
+    # named files, not a listing: a flat folder may hold millions of images
+    has = lambda *names: any(os.path.exists(os.path.join(path, n)) for n in names)  # noqa: E731
+    if has("batches.meta", "test_batch", *CIFAR10_SPLITS["train"]):
         return "cifar10"
-    if "meta" in names and names & {"train", "test"}:
+    if has("meta") and has("train", "test"):
         return "cifar100"
-    if any(n.endswith("_X.bin") for n in names):
+    if has("train_X.bin", "test_X.bin", "unlabeled_X.bin"):
         return "stl10"
     return "folder"
 
@@ -222,7 +321,7 @@ def _open_split(path: str, split: str, val_fraction: float, split_seed: int) -> 
 def _open(path: str, split: str) -> ImageSource:
     kind = detect_kind(path)
     return {"cifar10": _open_cifar10, "cifar100": _open_cifar100, "stl10": _open_stl10,
-            "npz": _open_npz, "folder": _open_folder}[kind](path, split)
+            "npz": _open_npz, "folder": _open_folder, "tar": _open_tar}[kind](path, split)
 
 
 def _unpickle(file: str) -> dict:
@@ -316,6 +415,20 @@ def _open_npz(path: str, split: str) -> ImageSource:
     return ArraySource(path, split, "npz", images, labels, names, [f"{stem}_{i:07d}" for i in range(len(images))])
 
 
+def _open_tar(path: str, split: str) -> ImageSource:
+    if split != "train":
+        raise ValueError(f"{path}: a .tar source is one split ('train'); pass split='train' and hold "
+                         f"out part of it with val_fraction / --val-fraction, or give a folder of "
+                         f"<split>/ sub-folders of tars")
+    return _non_empty(TarSource(path, split, [os.path.abspath(path)]), path)
+
+
+def _non_empty(source: ImageSource, where: str) -> ImageSource:
+    if not len(source):
+        raise ValueError(f"{where}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return source
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -326,27 +439,114 @@ def _open_folder(path: str, split: str) -> ImageSource:
         raise ValueError(f"{path}: no sub-folder {split!r}; a folder source is its own 'train' split "
                          f"(or holds train/, val/, ... sub-folders); hold out part of train with "
                          f"val_fraction / --val-fraction")
-    entries = sorted(os.listdir(root))
-    classes = [e for e in entries if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
-    loose = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(root, e))]
+    classes, loose = _list_folder(root)
     if classes and loose:
         raise ValueError(f"{root}: has both class sub-folders {classes[:3]}... and loose images "
                          f"{loose[:3]}...; use one layout (class folders, or a flat folder without labels)")
+    if not classes and not loose:
+        archives = sorted(glob.glob(os.path.join(glob.escape(root), "*.tar")))
+        if archives:
+            return _non_empty(TarSource(path, split, archives), root)
     if not classes:
-        files = [os.path.join(root, e) for e in loose]
-        source = FolderSource(path, split, files, None, [], root)
+        labelled = _flat_labels(path, split, root, loose)
+        if labelled is None:
+            source = FolderSource(path, split, loose, None, [], root)
+        else:
+            labels, names, gt_file = labelled
+            source = FolderSource(path, split, loose, labels, names, root, labels_file=gt_file)
     else:
         files, labels = [], []
         for label, cls in enumerate(classes):
             found = sorted(glob.glob(os.path.join(glob.escape(os.path.join(root, cls)), "**", "*"),
                                      recursive=True))
-            found = [f for f in found if _is_image(f) and os.path.isfile(f)]
+            found = [os.path.relpath(f, root) for f in found if _is_image(f) and os.path.isfile(f)]
             files += found
             labels += [label] * len(found)
         source = FolderSource(path, split, files, labels, classes, root)
     if not len(source):
         raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return source
+
+
+def _list_folder(root: str) -> tuple[list[str], list[str]]:
+    """Sorted class sub-folders and loose image names of ``root``, streamed with ``os.scandir``.
+
+    The file type comes from the directory entry (no ``stat`` per file on most file systems) and
+    only names are kept, so a flat folder of many millions of images lists in one pass.
+    """
+    classes, loose = [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_image(entry.name) and entry.is_file():
+                loose.append(entry.name)
+            elif entry.is_dir():
+                classes.append(entry.name)
+    classes.sort()
+    loose.sort()
+    return classes, loose
+
+
+def _flat_labels(path: str, split: str, root: str,
+                 names: list[str]) -> Optional[tuple[list[int], list[str], str]]:
+    """Labels of a flat folder's ``names`` from a ground-truth file (module docstring), or None."""
+    dirs = [root] + ([path] if os.path.abspath(root) != os.path.abspath(path) else [])
+    found = [os.path.join(d, f.format(split=split)) for f in GROUND_TRUTH_FILES for d in dirs]
+    gt_file = next((f for f in found if os.path.isfile(f)), None)
+    if gt_file is None:
+        return None
+    table: dict[str, str] = {}
+    with open(gt_file) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#") or (number == 1 and line.startswith("ImageId,")):
+                continue
+            if gt_file.endswith(".csv"):
+                image, _, rest = line.partition(",")
+            else:
+                image, rest = (re.split(r"[,\s]+", line, maxsplit=1) + [""])[:2]
+            label = rest.replace(",", " ").split()[0] if rest.strip() else ""
+            if not image or not label:
+                raise ValueError(f"{gt_file}:{number}: {line!r} is not 'image class'")
+            if image in table:
+                raise ValueError(f"{gt_file}:{number}: image {image!r} is listed twice")
+            table[image] = label
+    train = os.path.join(path, "train")
+    train_classes = (_list_folder(train)[0] if os.path.abspath(train) != os.path.abspath(root)
+                     and os.path.isdir(train) else [])
+    if train_classes:
+        classes, classes_from = train_classes, f"the class folders of {train}"
+    else:
+        lists = [os.path.join(d, f) for f in CLASS_LIST_FILES for d in dirs if os.path.isfile(os.path.join(d, f))]
+        if lists:
+            with open(lists[0]) as f:
+                classes = [line.split()[0] for line in f if line.strip()]
+            classes_from = lists[0]
+        else:
+            classes, classes_from = sorted(set(table.values())), gt_file
+    index = {c: i for i, c in enumerate(classes)}
+    labels, used, unlabelled = [], set(), []
+    for name in names:
+        image = name if name in table else os.path.splitext(name)[0]
+        if image not in table:
+            unlabelled.append(name)
+            continue
+        used.add(image)
+        if table[image] not in index:
+            raise ValueError(f"{gt_file}: {image} has class {table[image]!r}, which is not in {classes_from} "
+                             f"({len(classes)} classes)")
+        labels.append(index[table[image]])
+    missing = sorted(set(table) - used)
+    if missing:
+        raise ValueError(f"{gt_file}: names {len(missing)} image(s) that are not in {root}: "
+                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                         f"restore them, or remove their lines")
+    if unlabelled:
+        raise ValueError(f"{root}: {len(unlabelled)} image(s) have no line in {gt_file}: "
+                         f"{', '.join(unlabelled[:3])}{' ...' if len(unlabelled) > 3 else ''}; "
+                         f"add them, or move them out of the folder")
+    return labels, classes, gt_file
 
 
 def sample_pixels(source: ImageSource, count: int, seed: int = 0, *, per_image: int = 256,
