@@ -27,6 +27,9 @@ float16 feature file: training rows/s, features/s per layer and peak RSS with L 
 against L one-layer runs; with --data, test accuracy beside the L-BFGS probe on real CIFAR images
 through a tiny random-weights iGPT.
 
+images: the on-the-fly path (igpt_ds/data/image_shards.py): image shards stored at 2x the crop side,
+cropped and quantized in loader workers; samples/s per worker beside what one H100 consumes per preset.
+
 decode: images/s of tools/extract_features.py's image-folder path (JPEG decode + centre-crop resize
 in --num-workers DataLoader workers, then quantize) for each worker count, on a folder of real
 images saved as 256x256 JPEGs, next to the images/s one H100 extracts features at for each preset:
@@ -389,8 +392,71 @@ def run_probe(args) -> str:
     return bench_probe.report(args, machine(), versions(), cmd)
 
 
+def run_images(args) -> str:
+    from igpt_ds.data.sources import open_source, sample_pixels
+    from igpt_ds.palette import fit_palette, load_palette
+    from igpt_ds.planning.bench_data import gpu_consumption, image_shard_throughput
+
+    source = open_source(args.data, args.split)
+    n = len(source) if args.images <= 0 else min(args.images, len(source))
+    images = np.stack([source[i][0] for i in range(n)])
+    if args.palette:
+        palette, palette_note = load_palette(args.palette), args.palette
+    else:
+        palette = fit_palette(sample_pixels(source, 100_000, seed=0), 512, seed=0, iters=10)
+        palette_note = "512-colour k-means fitted on 100,000 pixels of the source (seed 0, 10 iterations)"
+    rows, runs = [], {}
+    for resolution in args.resolutions:
+        for workers in args.workers:
+            r = image_shard_throughput(images, palette, resolution, num_workers=workers, batch_size=args.batch_size,
+                                       min_samples=args.loader_samples)
+            runs[resolution] = runs.get(resolution) or r  # the first (fewest workers) row is the per-worker figure
+            print(f"image shards, crop {resolution} from a stored side of {r['store_side']}, {workers} worker(s): "
+                  f"{r['samples_per_s']:,.0f} samples/s ({r['per_worker']:,.0f} per worker; start-up "
+                  f"{r['startup_s']:.1f} s)")
+            rows.append(f"| {resolution}² from {r['store_side']} | {workers} | **{r['samples_per_s']:,.0f}** | "
+                        f"{r['per_worker']:,.0f} | {r['samples']:,} in {r['epochs']} epoch(s) | {r['startup_s']:.1f} s |")
+    gpu_rows = []
+    for preset in args.presets:
+        g = gpu_consumption(preset, mfu=0.5)
+        res = int(g["seq_len"] ** 0.5)
+        per_worker = runs.get(res, {}).get("per_worker")
+        need = f"{g['samples_per_s'] / per_worker:.2f}" if per_worker else "not measured at this resolution"
+        gpu_rows.append(f"| {preset} | {res}² | {g['flops_per_sample'] / 1e12:.2f} | {g['samples_per_s']:,.1f} | {need} |")
+        print(f"one H100 at 50% MFU trains {preset} ({res}^2) on {g['samples_per_s']:,.1f} samples/s; "
+              f"workers needed per GPU: {need}")
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    nl = "\n"
+    return f"""## images: the on-the-fly image-shard path (crop + quantize in loader workers)
+
+- Date: {datetime.date.today().isoformat()}
+- Machine: {machine()}
+- Versions: {versions()}
+- Command: `{cmd}`
+- Images: {n} of `{source.name}`, upscaled (bicubic) to the stored side (2x the crop) as PNG image shards
+  (`igpt_ds.data.image_shards.build_image_shards`); each sample is decoded, given the paper's random-resized
+  crop and quantized with {palette_note} in a loader worker (`build_loader`, batch {args.batch_size}, 1 DP rank)
+- Rates are steady (timed from the first batch, shuffle buffer off so no work precedes it); worker start-up
+  is listed apart. Each worker quantizes one crop per call (`quantize`, 1 torch thread)
+- Load average when it finished (other jobs share the machine): {os.getloadavg()[0]:.1f}. On a machine of few
+  cores the trainer process and other jobs compete with the workers: the 1-worker row is the per-worker figure
+
+| crop from stored side | workers | samples/s | per worker | samples read | start-up |
+|---|---|---|---|---|---|
+{nl.join(rows)}
+
+What one H100 consumes (`igpt_ds.planning.bench_data.gpu_consumption`: train FLOPs per token × tokens,
+989 TFLOP/s bf16 dense × 50% MFU), and the loader workers (CPU cores) per GPU that rate needs at the
+per-worker rate above:
+
+| preset | resolution | TFLOP per sample | samples/s per GPU | workers per GPU |
+|---|---|---|---|---|
+{nl.join(gpu_rows)}
+"""
+
+
 TARGETS = {"data": run_data, "model": run_model, "checkpoint": run_checkpoint, "decode": run_decode,
-           "probe": run_probe}
+           "probe": run_probe, "images": run_images}
 
 
 def main(argv=None):
@@ -412,6 +478,17 @@ def main(argv=None):
     data.add_argument("--workers", type=int, default=2, help="loader workers (default: 2)")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--loader-samples", type=int, default=50_000, help="samples to read, in whole epochs")
+    img = sub.add_parser("images", help="on-the-fly image shards: crop+quantize samples/s per worker vs one H100")
+    img.add_argument("--data", required=True, help="image source, e.g. cifar-10-batches-py/")
+    img.add_argument("--split", default="train")
+    img.add_argument("--images", type=int, default=2000, help="images to store (default 2000; 0 = all)")
+    img.add_argument("--resolutions", type=int, nargs="+", default=[32, 64],
+                     help="crop sides, each stored at twice the side (default: 32 64)")
+    img.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader worker counts (default: 1 2)")
+    img.add_argument("--presets", nargs="+", default=["igpt-s", "igpt-m", "igpt-l", "igpt-xl"])
+    img.add_argument("--palette", help="palette.npy (default: fit one on the source)")
+    img.add_argument("--batch-size", type=int, default=64)
+    img.add_argument("--loader-samples", type=int, default=4000, help="samples to read, in whole epochs")
     model = sub.add_parser("model", help="train-step tokens/s, TFLOP/s, MFU, memory (+ HF ratio on CPU)")
     model.add_argument("--model", default="igpt-tiny", help="preset (default igpt-tiny)")
     model.add_argument("--resolution", type=int, default=32, help="model resolution side (default 32)")

@@ -302,9 +302,7 @@ class _EpochStream(IterableDataset):
         worker = ((info.id if info is not None else 0) + skip_batches) % self.num_workers
         start, stop = self.layout.worker_range(self.dp_rank, worker, self.num_workers)
         segments = epoch_segments([s.samples for s in self.shards], epoch, self.seed, self.shuffle, start, stop)
-        samples = (s for shard, first, end in segments
-                   for s in read_shard(self.shards[shard], first, end, self.seq_len, self.vocab_size,
-                                       view_of=partial(epoch_view, self.seed, epoch, views=self.shards[shard].views)))
+        samples = self._samples(epoch, segments)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.seed, epoch, self.dp_rank, worker])
             samples = _shuffled(samples, self.shuffle_buffer, rng)
@@ -321,6 +319,12 @@ class _EpochStream(IterableDataset):
                 batch = []
         if batch and made >= skip:
             yield _collate(batch)
+
+    def _samples(self, epoch: int, segments: list) -> Iterator[tuple[str, np.ndarray, int]]:
+        """(key, tokens, label) of the segments' samples, in order (image shards override the decode)."""
+        for shard, first, end in segments:
+            yield from read_shard(self.shards[shard], first, end, self.seq_len, self.vocab_size,
+                                  view_of=partial(epoch_view, self.seed, epoch, views=self.shards[shard].views))
 
 
 def _shuffled(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -353,6 +357,8 @@ class TokenLoader:
     ``epochs`` (forever when None). Batches: ``tokens`` LongTensor (B, T), ``labels``
     LongTensor (B,) (-1 where unlabeled), ``keys`` list of B sample keys.
     """
+
+    stream_class = _EpochStream  # what the workers run (igpt_ds.data.image_shards: crop + quantize images)
 
     def __init__(self, shards: Sequence[ShardSpec], manifests: Sequence[Manifest], *, batch_size: int,
                  dp_rank: int, dp_world_size: int, num_workers: int = 2, seed: int = 0, shuffle: bool = True,
@@ -405,7 +411,7 @@ class TokenLoader:
     def _data_loader(self) -> DataLoader:
         """The loader's one DataLoader: its workers persist across epochs (and across passes)."""
         if self._loader is None:
-            self._stream = _EpochStream(self)
+            self._stream = self.stream_class(self)
             # worker_init: the job's SIGTERM/SIGUSR1 go to the trainer instead of killing a worker
             self._loader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, worker_init_fn=signals.worker_init,
@@ -481,6 +487,17 @@ def build_loader(source: Source, *, batch_size: int, dp_rank: int, dp_world_size
     shards, manifests = resolve_source(source, manifest)
     for m in manifests:
         check_manifest(m, expected_palette_sha256, expected_resolution)
+    contents = {m.data.get("content", "tokens") for m in manifests}
+    if contents == {"images"}:  # image shards: crop and quantize in the workers
+        from igpt_ds.data.image_shards import ImageShardLoader
+
+        return ImageShardLoader(shards, manifests, batch_size=batch_size, dp_rank=dp_rank,
+                                dp_world_size=dp_world_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
+                                shuffle_buffer=shuffle_buffer, epochs=epochs, drop_last=drop_last,
+                                vocab_size=vocab_size, pin_memory=pin_memory)
+    if len(contents) > 1:
+        raise ShardError(f"cannot mix image shards and token shards in one loader: "
+                         f"{[(m.path, m.data.get('content', 'tokens')) for m in manifests]}")
     return TokenLoader(shards, manifests, batch_size=batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
                        num_workers=num_workers, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                        epochs=epochs, drop_last=drop_last, vocab_size=vocab_size, pin_memory=pin_memory)

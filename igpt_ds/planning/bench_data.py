@@ -173,3 +173,42 @@ def extraction_consumption(preset: str, precision: str, mfu: float = 0.5, passes
     per_image = cfg.train_flops_per_token() / 3 * cfg.seq_len * passes
     return {"preset": preset, "resolution": cfg.resolution, "precision": precision, "mfu": mfu, "passes": passes,
             "gpu": gpu, "peak_flops": peak, "flops_per_image": per_image, "images_per_s": peak * mfu / per_image}
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/benchmark.py images: the on-the-fly image-shard path (igpt_ds.data.image_shards)
+# ---------------------------------------------------------------------------------------------
+
+def image_shard_throughput(images: np.ndarray, palette: np.ndarray, resolution: int, *, store_side: int = 0,
+                           num_workers: int = 1, batch_size: int = 64, min_samples: int = 5000,
+                           shard_size: int = 1000) -> dict:
+    """Samples/s of :func:`build_loader` over image shards of ``images`` (random-resized crop + quantize).
+
+    The images are stored at a shorter side of ``store_side`` (default ``2 * resolution``); whole
+    epochs run until ``min_samples`` are read, without the shuffle buffer. ``samples_per_s`` is the
+    steady rate, timed from the first batch (worker start-up, a one-off, is ``startup_s``);
+    ``per_worker`` divides it by the worker count.
+    """
+    from igpt_ds.data.image_shards import build_image_shards
+
+    store_side = store_side or 2 * resolution
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(os.path.join(tmp, "bench.npz"), images=images)
+        shard_dir = os.path.join(tmp, "shards")
+        build_image_shards(open_source(os.path.join(tmp, "bench.npz")), shard_dir, palette, resolution=resolution,
+                           store_side=store_side, shard_size=shard_size)
+        # No shuffle buffer: it would fill with 2000 samples before the first batch, so a rate timed
+        # from the first batch would count work done before it; the decode work per sample is the same.
+        loader = build_loader(shard_dir, batch_size=batch_size, dp_rank=0, dp_world_size=1,
+                              num_workers=num_workers, expected_resolution=resolution, shuffle_buffer=0)
+        loader.epochs = max(1, -(-min_samples // (loader.batches_per_epoch * batch_size)))
+        begin = time.perf_counter()
+        batches = iter(loader)
+        first = len(next(batches)["keys"])
+        start = time.perf_counter()
+        samples = first + sum(len(b["keys"]) for b in batches)
+        seconds = time.perf_counter() - start
+    rate = (samples - first) / seconds
+    return {"samples": samples, "epochs": loader.epochs, "batch_size": batch_size, "num_workers": num_workers,
+            "resolution": resolution, "store_side": store_side, "startup_s": start - begin,
+            "samples_per_s": rate, "per_worker": rate / max(1, num_workers)}
