@@ -51,6 +51,7 @@ from tqdm import tqdm
 from igpt_ds.evaluate.feature_files import FeatureFile, FeatureFileError
 from igpt_ds.evaluate.feature_files import feature_key as member  # layer<l>, layer<l>_mask<k>
 from igpt_ds.evaluate.probe import modal_vote, stratified_holdout
+from igpt_ds.parallel.layout import default_backend
 
 LR_GRID = (30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
 HOLDOUT = 0.04
@@ -93,8 +94,8 @@ def _setup(device_arg: str) -> tuple[torch.device, int, int]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        # Both backends on a GPU: the heads' tensors go over NCCL, anything on the host over gloo.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        # On a GPU both backends (the heads' tensors over NCCL, anything on the host over gloo), as training's.
+        dist.init_process_group(default_backend() if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return device, dist.get_rank(), dist.get_world_size()
     return device, 0, 1
