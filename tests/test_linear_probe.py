@@ -75,6 +75,37 @@ def test_probe_recovers_planted_linear_signal(tmp_path):
     assert (tmp_path / "probe.png").stat().st_size > 1000
 
 
+def test_concat_layers_probes_a_fixed_set_and_refuses_bad_ones(tmp_path, capsys):
+    layers, y = planted(300)
+    test_layers, y_test = planted(150, seed=1)
+    write_features(tmp_path / "train.npz", layers, y)
+    write_features(tmp_path / "test.npz", test_layers, y_test)
+    tool = load_tool("linear_probe")
+    files = ["--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), "--quiet"]
+    grid = ["--c-grid", "0.01,1"]
+    out = tmp_path / "probe.json"
+    assert tool.main([*files, "--out", str(out), "--concat-layers", "1-2", *grid]) == 0
+    got = json.loads(out.read_text())["concat"]
+    assert got["layers"] == [1, 2] and got["width"] == 32  # not the window around the best layer (0-2)
+    want = P.probe(np.concatenate([layers[1], layers[2]], 1), y,
+                   np.concatenate([test_layers[1], test_layers[2]], 1), y_test, (0.01, 1))
+    assert got["test_accuracy"] == want["test_accuracy"] and got["val_accuracy"] == want["val_accuracy"]
+    # The torch solver takes the same set.
+    sgd = tmp_path / "sgd.json"
+    assert tool.main([*files, "--out", str(sgd), "--concat-layers", "0,2", "--solver", "sgd", "--epochs", "1",
+                      "--lr-grid", "1", "--device", "cpu", "--threads", "1"]) == 0
+    assert json.loads(sgd.read_text())["concat"]["layers"] == [0, 2]
+    # A layer that is not probed, a single layer, and both concat flags at once are refused.
+    assert tool.main([*files, "--out", str(tmp_path / "x.json"), "--layers", "0,1", "--concat-layers", "1-2"]) == 2
+    assert "--concat-layers 1-2: layer(s) [2] are not probed" in capsys.readouterr().err
+    assert tool.main([*files, "--out", str(tmp_path / "x.json"), "--concat-layers", "1"]) == 2
+    assert "a concatenation needs two or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.main([*files, "--out", str(tmp_path / "x.json"), "--concat", "2", "--concat-layers", "1-2"])
+    assert "choose one" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_low_data_subsets_are_class_balanced_and_differ_across_seeds():
     labels = np.repeat(np.arange(10), [50 + 7 * c for c in range(10)])  # unbalanced pool
     np.random.default_rng(0).shuffle(labels)

@@ -19,6 +19,7 @@ the highest test accuracy (oracle_layer).
                               on a GPU with --device (default cuda when there is one); several GPUs:
                               torchrun --nproc-per-node N tools/linear_probe.py --solver sgd ...
   --concat 5                  also probe the 5 layers around the best one, concatenated
+  --concat-layers 1-4         also probe these layers concatenated (a fixed set instead of a window)
   --low-data 40,250,4000 --seeds 5
                               (L-BFGS) the low-data protocol on the best layer (or --low-data-layer): n
                               labelled training examples IN TOTAL (n // classes per class, class-balanced),
@@ -62,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", default="all", help="layers to probe: all, 3, 2-5, 1,3,8 (default all in the files)")
     p.add_argument("--concat", type=int, default=0, metavar="K",
                    help="also probe K layers around the best, concatenated")
+    p.add_argument("--concat-layers", metavar="SPEC",
+                   help="also probe these layers concatenated, e.g. 1-4 or 2,4,6 (instead of --concat's window)")
     p.add_argument("--low-data", default="", metavar="N,N,...", help="labelled examples in total, e.g. 40,250,4000")
     p.add_argument("--seeds", type=int, default=5, help="random subsets per --low-data size (default 5)")
     p.add_argument("--low-data-layer", type=int, help="layer for --low-data (default: the best layer)")
@@ -109,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lr-grid needs positive rates")
     if args.seeds < 1 or args.concat < 0:
         p.error("--seeds must be >= 1 and --concat >= 0")
+    if args.concat and args.concat_layers:
+        p.error("--concat K (a window around the best layer) and --concat-layers SPEC (a fixed set): choose one")
     if args.solver == "sgd":
         if args.low_data:
             p.error("--low-data is the L-BFGS protocol (the paper's CIFAR-10 Table 4): use --solver lbfgs")
@@ -119,13 +124,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sgd_settings(args, log):
+def sgd_settings(args, log, concat_layers=()):
     from igpt_ds.evaluate.sgd_probe import SGDSettings
 
     return SGDSettings(lr_grid=args.lr_grid, holdout=args.holdout, epochs=args.epochs, iterations=args.iterations,
                        batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                        memory_budget_mb=args.memory_budget, seed=args.seed, device=args.device, concat=args.concat,
-                       bert_eval=args.bert_eval, threads=args.threads, progress=not args.quiet, log=log)
+                       concat_layers=tuple(concat_layers), bert_eval=args.bert_eval, threads=args.threads,
+                       progress=not args.quiet, log=log)
+
+
+def concat_layers(args, n_layer: int, probed: list, path: str) -> list:
+    """The layers of --concat-layers (empty without it); each must be one of the probed layers."""
+    from igpt_ds.evaluate.feature_files import FeatureFileError, parse_layers
+
+    spec = getattr(args, "concat_layers", None)
+    if not spec:
+        return []
+    window = parse_layers(spec, n_layer)
+    missing = sorted(set(window) - set(probed))
+    if missing:
+        raise FeatureFileError(f"--concat-layers {spec}: layer(s) {missing} are not probed (layers {probed} of "
+                               f"{path}); add them to --layers or drop them from --concat-layers")
+    if len(window) < 2:
+        raise ValueError(f"--concat-layers {spec}: names one layer; a concatenation needs two or more")
+    return window
 
 
 def probe_files(train_path: str, test_path: str, layer_spec: str, args, log=print) -> dict:
@@ -154,10 +177,11 @@ def probe_files(train_path: str, test_path: str, layer_spec: str, args, log=prin
               "num_train": int(len(y_train)), "num_test": int(len(y_test)),
               "num_classes": int(len(np.unique(y_train))), "features": train.meta, "layers": {}}
     views = bert_views(args, test, layers)
+    result["_concat_layers"] = concat_layers(args, n_layer, layers, train.path)
     if args.solver == "sgd":
         from igpt_ds.evaluate.sgd_probe import sgd_probe
 
-        sgd = sgd_probe(train, test, layers, sgd_settings(args, log))
+        sgd = sgd_probe(train, test, layers, sgd_settings(args, log, result["_concat_layers"]))
         result["layers"] = sgd.pop("layers")
         result.update(sgd)
         for layer in layers:
@@ -233,6 +257,7 @@ def load_baseline(spec: str, args) -> tuple[str, dict]:
             print(f"baseline {name}:")
         # The same solver and settings; no window or vote (a baseline has its own layers and no masks).
         data = probe_files(parts[0], parts[1], "all", argparse.Namespace(**{**vars(args), "concat": 0,
+                                                                             "concat_layers": None,
                                                                              "bert_eval": "single"}))
         for f in data.pop("_files")[:2]:
             f.close()
@@ -251,6 +276,7 @@ def run(args) -> dict:
     log(f"probing {args.train} / {args.test}")
     result = probe_files(args.train, args.test, args.layers, args, log)
     train, test, y_train, y_test = result.pop("_files")
+    fixed_window = result.pop("_concat_layers")
     if args.solver == "sgd":
         protocol = {"classifier": "multinomial logistic regression, torch SGD (momentum "
                                   f"{args.momentum}, cosine decay, zero init), one head per layer in one pass",
@@ -269,12 +295,12 @@ def run(args) -> dict:
     best = result["best_layer"]
     layers = [int(l) for l in result["layers"]]
 
-    if args.concat and args.solver == "sgd":
+    if (args.concat or fixed_window) and args.solver == "sgd":
         r = result["concat"]
         log(f"  concat {r['layers']}  test {100 * r['test_accuracy']:6.2f}%  val {100 * r['val_accuracy']:6.2f}%  "
             f"lr {r['lr']:g}")
-    elif args.concat:
-        window = concat_window(best, args.concat, layers)
+    elif args.concat or fixed_window:
+        window = fixed_window or concat_window(best, args.concat, layers)
         xtr = np.concatenate([train.layer(l) for l in window], axis=1)
         xte = np.concatenate([test.layer(l) for l in window], axis=1)
         r = probe(xtr, y_train, xte, y_test, args.c_grid, args.holdout, args.seed, args.max_iter)

@@ -21,7 +21,7 @@ Protocol (``tools/linear_probe.py --solver sgd``):
   while searching, all of train for the final heads), both from ONE streaming pass (Chan's
   parallel update in float64 over chunks).
 - ``--concat K``: a head over the K layers around the best one, concatenated per mini-batch (never
-  in memory as a whole), with its own rate search.
+  in memory as a whole), with its own rate search; ``--concat-layers SPEC`` the same over a fixed set.
 
 Data: rows are read from the ``.npz`` members with ``pread`` (``FeatureFile.read_rows``), never a
 whole layer: each epoch visits every row once; the order is seeded by (seed, epoch): the file's
@@ -72,6 +72,7 @@ class SGDSettings:
     seed: int = 0
     device: str = "auto"
     concat: int = 0
+    concat_layers: tuple = ()         # a fixed set of layers to concatenate (instead of concat's window)
     bert_eval: str = "single"         # single | vote (modal vote over the test file's BERT masks)
     threads: Optional[int] = None     # torch CPU threads (None: torch's default)
     progress: bool = True
@@ -488,10 +489,10 @@ def _sgd_probe(train: FeatureFile, test: FeatureFile, layers: Sequence[int], set
         result["layers"][h.name] = {"lr": rate, "val_accuracy": acc, "lr_search": table}
     best = max(layers, key=lambda l: (result["layers"][str(l)]["val_accuracy"], -l))
     window = None
-    if settings.concat:
+    if settings.concat or settings.concat_layers:
         from igpt_ds.evaluate.probe import concat_window
 
-        window = concat_window(best, settings.concat, layers)
+        window = list(settings.concat_layers) or concat_window(best, settings.concat, layers)
         cs = heads_for([("concat", window)], "fit", lambda _: settings.lr_grid)
         result["passes"]["concat_search"] = train_heads(cs, fit_stream, y_train, settings, device, rank, world,
                                                         "concat rate search")
