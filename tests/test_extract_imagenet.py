@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from igpt_ds.checkpoint.consolidated import save_consolidated
@@ -23,12 +22,7 @@ N_LAYER = 4  # middle half = layers 1..3 of 0..4, a proper subset
 TINY = dict(resolution=8, n_layer=N_LAYER, d_model=32, n_head=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only add overhead
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from igpt_ds.parallel.weights import full_state_dict  # noqa: E402
 TOL = 1e-4  # the bound (fp32); observed differences are ~1e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: torch's thread pool only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def hf_model(seed=0, zero_biases=False, **overrides):

@@ -32,12 +32,7 @@ BATCH = 8
 HF_TOL = 1e-4  # tests/test_hf_interop.py's bound (fp32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny(**overrides) -> ModelConfig:

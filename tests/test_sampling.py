@@ -16,13 +16,7 @@ from igpt_ds.testing import run_ranks
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One-position forwards are tiny: on a shared 2-core machine torch's thread pool makes them ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def random_model(seed=0, **overrides):

@@ -130,7 +130,31 @@ class _Unpickler(pickle.Unpickler):
         return self._file.storage(str(key), dtype, int(numel))
 
 
-class TorchFile:
+class _LazyFile:
+    """What both lazy readers share: one read-only descriptor (``self._fd``), closed by ``close()``,
+    a ``with`` block, or garbage collection."""
+
+    _fd: Optional[int] = None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class TorchFile(_LazyFile):
     """One ``torch.save`` file, opened lazily: ``TorchFile(path).obj`` is its object with LazyTensor leaves."""
 
     def __init__(self, path: PathLike):
@@ -194,35 +218,13 @@ class TorchFile:
         itemsize = torch.empty((), dtype=storage.dtype).element_size()
         if start + numel > storage.numel:
             raise CheckpointFileError(f"{self.path}: a tensor reaches past its storage {storage.key}")
-        nbytes = numel * itemsize
-        buffer = bytearray(nbytes)
-        view, pos, base = memoryview(buffer), 0, self._data_offset(storage.key) + start * itemsize
-        while pos < nbytes:
-            got = os.preadv(self._fileno(), [view[pos:]], base + pos)
-            if got <= 0:
-                raise CheckpointFileError(f"{self.path}: truncated inside storage {storage.key}")
-            pos += got
-        if nbytes == 0:
-            return torch.empty(0, dtype=storage.dtype)
-        return torch.frombuffer(buffer, dtype=storage.dtype)
+        return _pread_tensor(self._fileno(), self._data_offset(storage.key) + start * itemsize, numel, storage.dtype,
+                             f"{self.path}: truncated inside storage {storage.key}")
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._zip.close()
-
-    def __enter__(self) -> "TorchFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        super().close()
+        if getattr(self, "_zip", None) is not None:
+            self._zip.close()
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -230,7 +232,7 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class SafetensorsFile:
+class SafetensorsFile(_LazyFile):
     """One safetensors file, opened lazily: ``SafetensorsFile(path).tensors`` maps names to LazyTensors."""
 
     def __init__(self, path: PathLike):
@@ -278,23 +280,6 @@ class SafetensorsFile:
             raise CheckpointFileError(f"{self.path}: a read reaches past tensor {storage.key}")
         return _pread_tensor(self._fd, self._base + storage.start + start * itemsize, numel, storage.dtype,
                              f"{self.path}: truncated inside tensor {storage.key}")
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "SafetensorsFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _pread_tensor(fd: int, offset: int, numel: int, dtype: torch.dtype, truncated: str) -> torch.Tensor:

@@ -36,6 +36,11 @@ class SyntheticLoader:
                    "labels": torch.full((self.batch_size,), -1, dtype=torch.long),
                    "keys": [f"synthetic-{i}" for i in idx]}
 
+    def set_epoch(self, epoch: int) -> None:
+        """Back to sample 0. The stream is infinite, so every epoch is the same stream from its start
+        (what a validation pass needs: each evaluation scores the same batches)."""
+        self.position = 0
+
     def state_dict(self) -> dict:
         """``sample``: the next sample of the global stream, the same for every layout with the same
         global batch (so a resharded checkpoint continues it); ``position``: this rank's batch count."""

@@ -133,14 +133,11 @@ class PretrainTask:
             return {}
         loop.engine.eval()
         loader = None
-        if loop.reads_data:
+        if loop.reads_data:  # one validation loader: its workers persist from one evaluation to the next
             if self.val_loader is None:
-                loader = self.loader(loop, train=False)
-                if hasattr(loader, "set_epoch"):  # shard loaders; the synthetic one is made anew (no workers)
-                    self.val_loader = loader
-            else:
-                loader = self.val_loader
-                loader.set_epoch(0)  # every evaluation is the same pass over the same batches
+                self.val_loader = self.loader(loop, train=False)
+            loader = self.val_loader
+            loader.set_epoch(0)  # every evaluation is the same pass over the same batches
         total, count = 0.0, 0
         for i, batch in enumerate(loop.eval_batches(loader, self.args.eval_batches)):
             item = None
