@@ -84,8 +84,18 @@ def test_concat_layers_probes_a_fixed_set_and_refuses_bad_ones(tmp_path, capsys)
     files = ["--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), "--quiet"]
     grid = ["--c-grid", "0.01,1"]
     out = tmp_path / "probe.json"
-    assert tool.main([*files, "--out", str(out), "--concat-layers", "1-2", *grid]) == 0
-    got = json.loads(out.read_text())["concat"]
+    preds = tmp_path / "preds.npz"
+    assert tool.main([*files, "--out", str(out), "--concat-layers", "1-2", *grid,
+                      "--save-predictions", str(preds)]) == 0
+    result = json.loads(out.read_text())
+    got = result["concat"]
+    # --save-predictions: every probe's class per test row, beside the rows' labels; accuracies agree
+    with np.load(preds) as f:
+        assert sorted(f.files) == ["concat", "labels", "layer0", "layer1", "layer2"]
+        np.testing.assert_array_equal(f["labels"], y_test)
+        assert (f["concat"] == y_test).mean() == got["test_accuracy"]
+        assert (f["layer1"] == y_test).mean() == result["layers"]["1"]["test_accuracy"]
+    assert result["predictions"] == str(preds) and "test_predictions" not in result["layers"]["1"]
     assert got["layers"] == [1, 2] and got["width"] == 32  # not the window around the best layer (0-2)
     want = P.probe(np.concatenate([layers[1], layers[2]], 1), y,
                    np.concatenate([test_layers[1], test_layers[2]], 1), y_test, (0.01, 1))
@@ -103,6 +113,9 @@ def test_concat_layers_probes_a_fixed_set_and_refuses_bad_ones(tmp_path, capsys)
     with pytest.raises(SystemExit):
         tool.main([*files, "--out", str(tmp_path / "x.json"), "--concat", "2", "--concat-layers", "1-2"])
     assert "choose one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.main([*files, "--out", str(tmp_path / "x.json"), "--solver", "sgd", "--save-predictions", str(preds)])
+    assert "--save-predictions is for --solver lbfgs" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 

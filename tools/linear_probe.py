@@ -20,6 +20,8 @@ the highest test accuracy (oracle_layer).
                               torchrun --nproc-per-node N tools/linear_probe.py --solver sgd ...
   --concat 5                  also probe the 5 layers around the best one, concatenated
   --concat-layers 1-4         also probe these layers concatenated (a fixed set instead of a window)
+  --save-predictions P.npz    (L-BFGS) each probe's predicted class per test row, for paired comparisons
+                              of two probes on the same images (tools/quickstart.py's gap to raw pixels)
   --low-data 40,250,4000 --seeds 5
                               (L-BFGS) the low-data protocol on the best layer (or --low-data-layer): n
                               labelled training examples IN TOTAL (n // classes per class, class-balanced),
@@ -65,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also probe K layers around the best, concatenated")
     p.add_argument("--concat-layers", metavar="SPEC",
                    help="also probe these layers concatenated, e.g. 1-4 or 2,4,6 (instead of --concat's window)")
+    p.add_argument("--save-predictions", metavar="NPZ",
+                   help="(lbfgs) write each probe's predicted class per test row: layer<l>, concat, labels, index")
     p.add_argument("--low-data", default="", metavar="N,N,...", help="labelled examples in total, e.g. 40,250,4000")
     p.add_argument("--seeds", type=int, default=5, help="random subsets per --low-data size (default 5)")
     p.add_argument("--low-data-layer", type=int, help="layer for --low-data (default: the best layer)")
@@ -115,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.concat and args.concat_layers:
         p.error("--concat K (a window around the best layer) and --concat-layers SPEC (a fixed set): choose one")
     if args.solver == "sgd":
+        if args.save_predictions:
+            p.error("--save-predictions is for --solver lbfgs (the in-memory CIFAR/STL protocol)")
         if args.low_data:
             p.error("--low-data is the L-BFGS protocol (the paper's CIFAR-10 Table 4): use --solver lbfgs")
         if args.batch_size < 1 or args.epochs <= 0 or (args.iterations is not None and args.iterations < 1):
@@ -177,6 +183,7 @@ def probe_files(train_path: str, test_path: str, layer_spec: str, args, log=prin
               "num_train": int(len(y_train)), "num_test": int(len(y_test)),
               "num_classes": int(len(np.unique(y_train))), "features": train.meta, "layers": {}}
     views = bert_views(args, test, layers)
+    predictions = result["_predictions"] = {}
     result["_concat_layers"] = concat_layers(args, n_layer, layers, train.path)
     if args.solver == "sgd":
         from igpt_ds.evaluate.sgd_probe import sgd_probe
@@ -193,6 +200,7 @@ def probe_files(train_path: str, test_path: str, layer_spec: str, args, log=prin
             t0 = time.perf_counter()
             r = probe(train.layer(layer), y_train, test.layer(layer), y_test, args.c_grid, args.holdout,
                       args.seed, args.max_iter, [test.layer(layer, v) for v in range(1, views)])
+            predictions[f"layer{layer}"] = r.pop("test_predictions")
             result["layers"][str(layer)] = dict(r, width=train.width(layer))
             log(f"  layer {layer:3d}  test {100 * r['test_accuracy']:6.2f}%  val {100 * r['val_accuracy']:6.2f}%  "
                 f"C {r['C']:g}  ({time.perf_counter() - t0:.1f}s)")
@@ -277,6 +285,7 @@ def run(args) -> dict:
     result = probe_files(args.train, args.test, args.layers, args, log)
     train, test, y_train, y_test = result.pop("_files")
     fixed_window = result.pop("_concat_layers")
+    predictions = result.pop("_predictions")
     if args.solver == "sgd":
         protocol = {"classifier": "multinomial logistic regression, torch SGD (momentum "
                                   f"{args.momentum}, cosine decay, zero init), one head per layer in one pass",
@@ -304,6 +313,7 @@ def run(args) -> dict:
         xtr = np.concatenate([train.layer(l) for l in window], axis=1)
         xte = np.concatenate([test.layer(l) for l in window], axis=1)
         r = probe(xtr, y_train, xte, y_test, args.c_grid, args.holdout, args.seed, args.max_iter)
+        predictions["concat"] = r.pop("test_predictions")
         result["concat"] = dict(r, layers=window, width=int(xtr.shape[1]))
         log(f"  concat {window}  test {100 * r['test_accuracy']:6.2f}%  val {100 * r['val_accuracy']:6.2f}%  "
             f"C {r['C']:g}")
@@ -333,10 +343,13 @@ def run(args) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
     result["plot"] = os.path.abspath(plot)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
+    test_index = test.index() if args.save_predictions else None
     train.close()
     test.close()
     if result.get("rank", 0) != 0:  # torchrun: rank 0 writes
         return result
+    if args.save_predictions:
+        result["predictions"] = save_predictions(args.save_predictions, predictions, y_test, test_index)
     if heads is not None and args.save_heads:
         from igpt_ds.evaluate.sgd_probe import save_heads
 
@@ -345,6 +358,27 @@ def run(args) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write(args.out, json.dumps(result, indent=2, sort_keys=False) + "\n")
     return result
+
+
+def save_predictions(path: str, predictions: dict, labels, index) -> str:
+    """``predictions`` (name -> predicted class per test row) with the rows' ``labels`` and ``index``
+    (the test file's image index, when it has one) in one .npz, written to a temporary name first."""
+    import numpy as np
+
+    arrays = {name: np.asarray(p, np.int64) for name, p in predictions.items()}
+    arrays["labels"] = np.asarray(labels, np.int64)
+    if index is not None:
+        arrays["index"] = np.asarray(index, np.int64)
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def main(argv=None) -> int:

@@ -172,12 +172,14 @@ def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: 
 def _final(x_train, y_train, x_test, y_test, C, max_iter, test_views=(), seed=0) -> dict:
     xtr, xte, *views = standardize(x_train, x_test, *test_views)
     clf = _fit(xtr, y_train, C, max_iter)
-    out = {"C": C, "test_accuracy": _accuracy(clf, xte, y_test), "train_accuracy": _accuracy(clf, xtr, y_train),
-           "converged": bool(np.all(clf.n_iter_ < max_iter))}
+    predicted = clf.predict(xte)
+    out = {"C": C, "test_accuracy": float((predicted == y_test).mean()),
+           "train_accuracy": _accuracy(clf, xtr, y_train), "converged": bool(np.all(clf.n_iter_ < max_iter))}
     if views:
         preds = np.stack([clf.predict_proba(x).argmax(1) for x in (xte, *views)])  # [K, n] class positions
-        voted = clf.classes_[modal_vote(preds, len(clf.classes_), seed, np.arange(len(y_test)))]
-        out.update(test_accuracy=float((voted == y_test).mean()), test_accuracy_single_mask=out["test_accuracy"])
+        predicted = clf.classes_[modal_vote(preds, len(clf.classes_), seed, np.arange(len(y_test)))]
+        out.update(test_accuracy=float((predicted == y_test).mean()), test_accuracy_single_mask=out["test_accuracy"])
+    out["test_predictions"] = predicted  # per test row (an array: not for JSON; --save-predictions writes it)
     return out
 
 
