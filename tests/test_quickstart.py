@@ -33,7 +33,13 @@ def test_quickstart_tiny_produces_every_output(tmp_path):
     # ... and whether the pretrained features beat raw pixels beyond noise
     assert summary["gap_vs_raw_pixels"] == pytest.approx(acc - summary["raw_pixel_accuracy"])
     assert isinstance(summary["gap_significant"], bool) and summary["gap_standard_error"] > 0
-    assert "Pretrained best layer vs raw pixels:" in proc.stdout
+    assert "Layers 1-4 concatenated: vs raw pixels" in proc.stdout
+    # --tiny runs on the first batch file (1017 images: 203 held out); the blocks are probed concatenated too
+    assert n == 203 and summary["data"].endswith(os.path.join("data", "cifar10-sample"))
+    assert summary["concat_layers"] == [1, 2, 3, 4] and acc == summary["concat_accuracy"]
+    # the gap's standard error is the paired one (same images), the independent one beside it
+    assert "(paired, the same 203 images;" in proc.stdout and summary["gap_standard_error_independent"] > 0
+    assert summary["probe_features"] == "layers 1-4 concatenated" and "Best single layer alone:" in proc.stdout
 
 
 def load_quickstart():
@@ -59,6 +65,41 @@ def test_summary_reports_the_gap_its_standard_error_and_the_verdict(probe_acc, r
     assert got["significant"] is significant
     assert ("not significant" in got["text"]) is (not significant)
     assert f"{100 * (probe_acc - raw_acc):+.1f} points" in got["text"] and f"{100 * se:.1f} points" in got["text"]
+
+
+def test_the_claim_stands_on_the_concatenation_whatever_the_accuracies():
+    quickstart = load_quickstart()
+    probe = {"best_layer": 3, "best_test_accuracy": 0.40, "num_test": 1000,
+             "layers": {"3": {"val_accuracy": 0.45, "test_accuracy": 0.40}},
+             "concat": {"layers": [1, 2, 3, 4], "val_accuracy": 0.41, "test_accuracy": 0.39}}
+    got = quickstart.pretrained_probe(probe)  # a fixed rule: neither held-out nor test accuracy chooses
+    assert got["label"] == "layers 1-4 concatenated" and got["best_test_accuracy"] == 0.39
+    del probe["concat"]
+    got = quickstart.pretrained_probe(probe)
+    assert got["label"] == "best layer 3" and got["best_test_accuracy"] == 0.40
+
+
+def test_the_gap_of_two_probes_on_the_same_images_has_the_paired_standard_error():
+    import numpy as np
+
+    quickstart = load_quickstart()
+    rng = np.random.default_rng(0)
+    n = 1000
+    raw = rng.random(n) < 0.38
+    flip = rng.random(n) < 0.12  # the pretrained probe differs from raw pixels on ~12% of the images ...
+    model = np.where(flip, rng.random(n) < 0.75, raw)  # ... and is right on most of those
+    p, r = model.mean(), raw.mean()
+    got = quickstart.compare_to_raw({"best_test_accuracy": p, "num_test": n}, {"best_test_accuracy": r, "num_test": n},
+                                    correct=(model, raw))
+    d = model.astype(float) - raw.astype(float)
+    assert got["standard_error"] == pytest.approx(d.std(ddof=1) / math.sqrt(n))
+    assert got["independent_standard_error"] == pytest.approx(math.sqrt(p * (1 - p) / n + r * (1 - r) / n))
+    assert got["standard_error"] < got["independent_standard_error"] and got["paired"]
+    assert got["significant"] is bool(p - r >= 2 * got["standard_error"])
+    assert f"(paired, the same {n} images;" in got["text"]
+    with pytest.raises(ValueError, match="are not those of the two probes"):  # results of other probes
+        quickstart.compare_to_raw({"best_test_accuracy": p, "num_test": n}, {"best_test_accuracy": r, "num_test": n},
+                                  correct=(raw, model))
 
 
 def test_quickstart_names_what_it_expected_for_a_bad_dataset(tmp_path):
