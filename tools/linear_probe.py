@@ -52,7 +52,7 @@ from igpt_ds import quiet  # noqa: E402
 
 quiet.install(sys.argv)  # before torch: third-party notices nobody can act on stay quiet (--verbose)
 
-from igpt_ds.checkpoint.atomic import atomic_write  # noqa: E402  (torch-free, like the probe)
+from igpt_ds.checkpoint.atomic import atomic_file, atomic_write  # noqa: E402  (torch-free, like the probe)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -371,13 +371,8 @@ def save_predictions(path: str, predictions: dict, labels, index) -> str:
         arrays["index"] = np.asarray(index, np.int64)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    try:
+    with atomic_file(path) as tmp:  # the temporary keeps the .npz suffix: np.savez appends none
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -179,11 +179,11 @@ def summarize(out: str, args, log: list, seconds: float) -> dict:
     n_test = probe["num_test"]
     stderr = math.sqrt(chosen["best_test_accuracy"] * (1 - chosen["best_test_accuracy"]) / n_test)
     concat = probe.get("concat")
-    preds = (f"{out}/features/model_predictions.npz", f"{out}/features/raw_predictions.npz")
-    key, raw_key = ("concat" if concat else f"layer{probe['best_layer']}"), f"layer{raw['best_layer']}"
-    gap = compare_to_raw(chosen, raw, correct=per_image_correct(*preds, key, raw_key))
-    layer_gap = (compare_to_raw(best_layer_probe(probe), raw,
-                                correct=per_image_correct(*preds, f"layer{probe['best_layer']}", raw_key))
+    model_correct, raw_correct = per_image_correct(f"{out}/features/model_predictions.npz",
+                                                   f"{out}/features/raw_predictions.npz", f"layer{raw['best_layer']}")
+    layer_key = f"layer{probe['best_layer']}"
+    gap = compare_to_raw(chosen, raw, correct=(model_correct["concat" if concat else layer_key], raw_correct))
+    layer_gap = (compare_to_raw(best_layer_probe(probe), raw, correct=(model_correct[layer_key], raw_correct))
                  if concat else gap)
     outputs = {"palette": "palette.npy", "shards": "shards/", "checkpoints": "checkpoints/",
                "training curves": "training.png", "export": "export/", "features": "features/",
@@ -234,19 +234,20 @@ def pretrained_probe(probe: dict) -> dict:
     held-out or test, chooses between the two."""
     concat = probe.get("concat")
     if concat:
-        return {"label": f"layers {_span(concat['layers'])} concatenated", "layers": concat["layers"],
+        return {"label": f"layers {_span(concat['layers'])} concatenated",
                 "best_test_accuracy": concat["test_accuracy"], "num_test": probe["num_test"]}
     return best_layer_probe(probe)
 
 
 def best_layer_probe(probe: dict) -> dict:
-    return {"label": f"best layer {probe['best_layer']}", "layers": [probe["best_layer"]],
+    return {"label": f"best layer {probe['best_layer']}",
             "best_test_accuracy": probe["best_test_accuracy"], "num_test": probe["num_test"]}
 
 
 def exported_n_layer(export: str) -> int:
-    with open(os.path.join(export, "config.json")) as f:
-        return int(json.load(f)["model"]["n_layer"])
+    from igpt_ds.checkpoint.consolidated import read_consolidated_config
+
+    return int(read_consolidated_config(export)["model"]["n_layer"])
 
 
 def compare_to_raw(probe: dict, raw: dict, z: float = 2.0, correct=None) -> dict:
@@ -284,9 +285,10 @@ def compare_to_raw(probe: dict, raw: dict, z: float = 2.0, correct=None) -> dict
             "paired": correct is not None, "significant": significant, "text": text}
 
 
-def per_image_correct(model_npz: str, raw_npz: str, model_key: str, raw_key: str) -> tuple:
-    """Right/wrong per test image of the model probe ``model_key`` and the raw-pixel probe, from their
-    --save-predictions files; refuses files whose test rows are not the same images in the same order."""
+def per_image_correct(model_npz: str, raw_npz: str, raw_key: str) -> tuple:
+    """Right/wrong per test image of every model probe (name -> bool array) and of the raw-pixel probe
+    ``raw_key``, from their --save-predictions files, read once; refuses files whose test rows are not
+    the same images in the same order."""
     import numpy as np
 
     with np.load(model_npz) as f, np.load(raw_npz) as g:
@@ -295,7 +297,8 @@ def per_image_correct(model_npz: str, raw_npz: str, model_key: str, raw_key: str
         if not same:
             raise SystemExit(f"error: {model_npz} and {raw_npz} do not score the same test images in the same "
                              f"order (labels/index differ); extract both from the same --data and split")
-        return f[model_key] == f["labels"], g[raw_key] == g["labels"]
+        labels = f["labels"]
+        return {k: f[k] == labels for k in f.files if k not in ("labels", "index")}, g[raw_key] == labels
 
 
 def _has_cuda() -> bool:
